@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fura.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # The Alpaca prompt the paper's commonsense recipe trains and evaluates with (LLM-Adapters).
@@ -28,7 +30,7 @@ PROMPT_NO_INPUT = (
 IGNORE_INDEX = -100
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A data file or record does not follow the commonsense record format; the message names file and index."""
 
 

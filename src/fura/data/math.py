@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fura.errors import UserError
 from fura.rewards import last_boxed
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 MATH_TRAIN = BenchmarkSpec("DigitalLearningGmbH/MATH-lighteval", "train", num_samples=8, temperature=1.0)
 
 
-class MathDataError(ValueError):
+class MathDataError(UserError):
     """A math record is malformed; the message names the source and the record index."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from fura.errors import UserError
+
 TRACKS = {"commonsense": "fura.recipes.sft", "math_rl": "fura.recipes.grpo"}
 
 # Shorthand flags of `fura train`, and the recipe key each one sets.
@@ -35,7 +37,7 @@ SHORTHANDS = {
 }
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe file or override is malformed; the message names the file and the key."""
 
 

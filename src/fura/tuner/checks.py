@@ -20,12 +20,13 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fura import blocks
+from fura.errors import UserError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(UserError):
     """A FuRA adapter checkpoint does not fit the model, or cannot be read."""
 
 
