@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fura.functional import count_trainable_parameters, targeted_shapes
+from fura.tuner.checks import adapter_tensors, refuse_non_finite
 from fura.tuner.config import FuraConfig
 from fura.tuner.layer import base_features
 
@@ -334,10 +335,13 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
     Adapter methods are merged with PEFT's ``merge_and_unload``. A 4-bit base is dequantized first
     (into a copy) so the merged weights are exact rather than re-quantized. ``dtype`` casts the result.
+    An adapter holding NaN or inf is refused (one NaN in a FuRA core would spread over a whole column).
     """
     from fura import quant
 
     if isinstance(model, PeftModel):
+        for adapter_name in model.active_adapters:
+            refuse_non_finite(adapter_tensors(model, adapter_name), adapter_name, "merge")
         merged = quant.merge_dequantized(model) if quant.is_4bit(model) else model.merge_and_unload()
     else:
         merged = model

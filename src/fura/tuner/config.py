@@ -10,6 +10,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from fura.blocks import FOLD_MODES, KEEP_MODES
+from fura.errors import UserError
 from fura.tuner.registration import FURA_PEFT_TYPE
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
@@ -26,6 +27,23 @@ MODULE_GROUPS: dict[str, str] = {
     "mlp_down": r"(down_proj|mlp\.c_proj|(?<!attention\.)output\.dense|fc2|w2)",
 }
 GROUP_NAMES = tuple(MODULE_GROUPS)
+
+#: Keys of adapter_config.json that decide which tensors an adapter has and what they mean. A saved
+#: config must hold each of them: a missing or misspelt one would silently load with the default.
+LAYOUT_KEYS = (
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "decomp_mode",
+    "block_shape",
+    "rank",
+    "train_position",
+    "s_merged_to",
+    "bias",
+    "modules_to_save",
+    "trainable_token_indices",
+)
 
 SideShape = Literal["closest", "head", "one"] | tuple[int, int]
 # One side's split, or for decomp_mode="square" a pair (output side, input side) such as ((m, a), (n, b)).
@@ -76,7 +94,7 @@ def is_side_pair(shape: Any) -> bool:
 def _check_block_shape(value: Any, where: str) -> None:
     if _is_side_shape(value) or is_side_pair(_as_tuple(value)):
         return
-    raise ValueError(
+    raise UserError(
         f"{where}: block shape must be 'closest', 'head', 'one', a pair (n_blocks, block_size) of positive ints, "
         f"or for decomp_mode='square' a pair (output side, input side) of those, got {value!r}"
     )
@@ -86,7 +104,7 @@ def _check_per_group(name: str, value: Any, check) -> None:
     if isinstance(value, dict):
         unknown = set(value) - set(GROUP_NAMES) - {"default"}
         if unknown:
-            raise ValueError(f"{name}: unknown module group(s) {sorted(unknown)}; use {list(GROUP_NAMES)} or 'default'")
+            raise UserError(f"{name}: unknown module group(s) {sorted(unknown)}; use {list(GROUP_NAMES)} or 'default'")
         for key, item in value.items():
             check(item, f"{name}[{key!r}]")
     else:
@@ -170,6 +188,13 @@ class FuraConfig(PeftConfig):
             "help": "Relative sketch distance above which a saved adapter is refused as trained on another base."
         },
     )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={
+            "help": "SHA-256 of adapter_model.safetensors, written by save_pretrained and checked at load. "
+            "Not a knob: it is set when the adapter is saved."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,18 +211,18 @@ class FuraConfig(PeftConfig):
 
         def check_mode(value: Any, where: str) -> None:
             if value not in DECOMP_MODES:
-                raise ValueError(f"{where}: decomp_mode must be one of {DECOMP_MODES}, got {value!r}")
+                raise UserError(f"{where}: decomp_mode must be one of {DECOMP_MODES}, got {value!r}")
 
         _check_per_group("decomp_mode", self.decomp_mode, check_mode)
         _check_per_group("block_shape", self.block_shape, _check_block_shape)
         if self.train_position not in TRAIN_POSITIONS:
-            raise ValueError(f"train_position must be one of {TRAIN_POSITIONS}, got {self.train_position!r}")
+            raise UserError(f"train_position must be one of {TRAIN_POSITIONS}, got {self.train_position!r}")
         if self.s_merged_to not in S_MERGED_TO:
-            raise ValueError(f"s_merged_to must be one of {S_MERGED_TO}, got {self.s_merged_to!r}")
+            raise UserError(f"s_merged_to must be one of {S_MERGED_TO}, got {self.s_merged_to!r}")
         if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+            raise UserError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.factorization_dtype not in FACTORIZATION_DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"factorization_dtype must be one of {FACTORIZATION_DTYPES}, got {self.factorization_dtype!r}"
             )
         rank = self.rank
@@ -207,11 +232,14 @@ class FuraConfig(PeftConfig):
             or (isinstance(rank, float) and 0.0 < rank < 1.0)
         )
         if not valid_rank:
-            raise ValueError(f"rank must be 'full', a positive int, or a float in (0, 1), got {rank!r}")
-        if not self.fingerprint_tolerance > 0:
-            raise ValueError(f"fingerprint_tolerance must be positive, got {self.fingerprint_tolerance}")
+            raise UserError(f"rank must be 'full', a positive int, or a float in (0, 1), got {rank!r}")
+        if not isinstance(self.init_weights, bool):
+            raise UserError(f"init_weights must be True or False, got {self.init_weights!r}")
+        tolerance = self.fingerprint_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+            raise UserError(f"fingerprint_tolerance must be a positive number, got {tolerance!r}")
         if self.train_position == "both" and self.s_merged_to in ("trainable", "frozen"):
-            raise ValueError(both_cores_train_message(self.s_merged_to))
+            raise UserError(both_cores_train_message(self.s_merged_to))
 
     def layer_options(self, module_name: str) -> tuple[str, BlockShape]:
         """The (decomp_mode, block_shape) that apply to one module, after the group dicts."""
@@ -227,8 +255,31 @@ class FuraConfig(PeftConfig):
         here with a clear message and the model is left as it was.
         """
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(path):
-            from fura.tuner.checks import check_adapter_directory
+        if not os.path.isdir(path):
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        from fura.tuner import checks
 
-            check_adapter_directory(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        checks.check_adapter_directory(path, required_keys=LAYOUT_KEYS)
+        config_path = os.path.join(path, checks.CONFIG_NAME)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, checks.AdapterLoadError):
+                raise
+            raise checks.AdapterLoadError(f"{config_path}: {err}") from err
+        # Checked against the file when the weights are loaded (FuraModel._remap_adapter_state_dict_for_load),
+        # after the shape, NaN and fingerprint checks, which say more about what is wrong.
+        config._fura_load_problem = checks.check_weights_checksum(path, config.weights_sha256)
+        config._fura_loading = True
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json with the SHA-256 of the adapter_model.safetensors beside it.
+
+        PEFT writes the weights before the config, so the checksum is of the file just written.
+        """
+        from fura.tuner.checks import WEIGHTS_NAME, file_sha256
+
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        self.weights_sha256 = file_sha256(weights) if os.path.isfile(weights) else None
+        super().save_pretrained(save_directory, **kwargs)

@@ -7,11 +7,19 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from torch import nn
 
 from fura import blocks
-from fura.tuner.checks import AdapterLoadError, validate_adapter_state
+from fura.errors import UserError
+from fura.tuner.checks import (
+    AdapterLoadError,
+    ModelSnapshot,
+    adapter_tensors,
+    check_modules_to_save,
+    refuse_non_finite,
+    validate_adapter_state,
+)
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
 from fura.tuner.layer import EXPLICIT, FRAME_INPUT, FRAME_OUTPUT, FuraLayer, FuraLinear, LayerSpec, base_features
 
@@ -57,7 +65,7 @@ def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[s
     side = s_merged_to
     if s_merged_to in ("trainable", "frozen"):
         if trained_side is None:
-            raise ValueError(both_cores_train_message(s_merged_to))
+            raise UserError(both_cores_train_message(s_merged_to))
         frozen_side = "output" if trained_side == "input" else "input"
         side = trained_side if s_merged_to == "trainable" else frozen_side
     return ("core" if side == core_side else "basis"), False
@@ -66,13 +74,13 @@ def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[s
 def _head_split(dim: int, model_config: dict) -> tuple[int, int]:
     heads = model_config.get("num_attention_heads")
     if not heads:
-        raise ValueError("block_shape='head' needs num_attention_heads in the model config")
+        raise UserError("block_shape='head' needs num_attention_heads in the model config")
     head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
     kv_heads = model_config.get("num_key_value_heads") or heads
     for count in (heads, kv_heads):
         if count * head_dim == dim:
             return count, head_dim
-    raise ValueError(
+    raise UserError(
         f"block_shape='head': dimension {dim} is neither num_heads×head_dim ({heads}×{head_dim}) nor "
         f"num_kv_heads×head_dim ({kv_heads}×{head_dim}); use 'closest' or an explicit (n, b) for this module"
     )
@@ -90,7 +98,7 @@ def layer_spec(
     context = model_config or {}
     if mode == "square":
         if not is_side_pair(shape) and not isinstance(shape, str):
-            raise ValueError(
+            raise UserError(
                 f"{module_name}: decomp_mode='square' splits both sides; give block_shape as a pair "
                 f"(output side, input side) such as ((m, a), (n, b)), or 'closest'/'head'/'one' for both, got {shape!r}"
             )
@@ -98,7 +106,7 @@ def layer_spec(
         m, a = _split(out_shape, out_features, context, module_name)
         n, b = _split(in_shape, in_features, context, module_name)
     elif is_side_pair(shape):
-        raise ValueError(
+        raise UserError(
             f"{module_name}: a pair (output side, input side) of block shapes needs decomp_mode='square', "
             f"not {mode!r}; give one side's (n_blocks, block_size), 'closest', 'head' or 'one'"
         )
@@ -134,7 +142,7 @@ def _split(shape: SideShape, dim: int, model_config: dict, module_name: str) -> 
         return 1, dim
     count, size = shape
     if count * size != dim:
-        raise ValueError(f"{module_name}: block shape {count}×{size} does not cover dimension {dim}")
+        raise UserError(f"{module_name}: block shape {count}×{size} does not cover dimension {dim}")
     return count, size
 
 
@@ -165,9 +173,7 @@ class FuraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        out_features, in_features = base_features(base)
-        spec = layer_spec(config, current_key, out_features, in_features, self.get_model_config(self.model))
+        spec = self._target_spec(config, target, current_key)
         kwargs = {
             "init_weights": config.init_weights,
             "factorization_dtype": config.factorization_dtype,
@@ -177,48 +183,145 @@ class FuraModel(BaseTuner):
         if isinstance(target, FuraLayer):
             target.update_layer(adapter_name, spec, **kwargs)
             return
-        if isinstance(target, BaseTunerLayer):
-            raise TypeError(f"{current_key} already carries a {type(target).__name__} adapter; FuRA cannot stack on it")
         new_module = FuraLinear(target, adapter_name, spec, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    # ------------------------------------------------------------------------------- loading
+    def _target_spec(self, config: FuraConfig, target: nn.Module, key: str) -> LayerSpec:
+        """The `LayerSpec` of one target module; raises if FuRA cannot adapt it. Touches nothing."""
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, FuraLayer):
+            raise TypeError(f"{key} already carries a {type(target).__name__} adapter; FuRA cannot stack on it")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        out_features, in_features = base_features(base)
+        return layer_spec(config, key, out_features, in_features, self.get_model_config(self.model))
+
+    # ------------------------------------------------------------------------------ injection
+    def _prepare_model(self, peft_config: FuraConfig, model: nn.Module) -> None:
+        """Check, before any layer is changed, that every target module fits the config (a shape-only pass).
+
+        PEFT calls this after resolving the default target modules and before matching. Without the
+        pass, a config that fits the attention layers but not the MLP would fail half-way through.
+        """
+        super()._prepare_model(peft_config, model)
+        check_modules_to_save(model, peft_config.modules_to_save)
+        _maybe_include_all_linear_layers(peft_config, model)
+        inside_adapters = tuple(f"{key}." for key, mod in model.named_modules() if isinstance(mod, BaseTunerLayer))
+        for key, module in model.named_modules():
+            if not key or key.startswith(inside_adapters):
+                continue
+            matched = self._check_target_module_exists(peft_config, key)
+            if matched and not isinstance(matched, _ExcludedModule):
+                self._target_spec(peft_config, module, key)
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """PEFT's injection, made atomic: on any error the model is put back exactly as it was.
+
+        When the config comes from `FuraConfig.from_pretrained` (a load), the snapshot is kept until
+        the checkpoint's tensors are checked, so a refused checkpoint undoes the injection as well.
+        """
+        snapshot = ModelSnapshot(model)
+        targeted = list(self.targeted_module_names), list(getattr(self, "targeted_parameter_names", []))
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        except BaseException:
+            snapshot.restore()
+            self.targeted_module_names[:] = targeted[0]
+            if hasattr(self, "targeted_parameter_names"):
+                self.targeted_parameter_names[:] = targeted[1]
+            raise
+        if self.peft_config[adapter_name].__dict__.pop("_fura_loading", False):
+            tensors = [tensor for _, tensor in adapter_tensors(model, adapter_name)]
+            self._fura_undo = (adapter_name, snapshot, targeted, [(t, t._version) for t in tensors])
+
+    def _take_undo(self, adapter_name: str) -> tuple[ModelSnapshot, tuple[list, list]] | None:
+        """The snapshot from before ``adapter_name`` was injected for a load, if its tensors are unchanged since."""
+        undo, self._fura_undo = getattr(self, "_fura_undo", None), None
+        if undo is None or undo[0] != adapter_name:
+            return None
+        _, snapshot, targeted, versions = undo
+        return (snapshot, targeted) if all(t._version == v for t, v in versions) else None
+
+    def _undo_injection(self, adapter_name: str, snapshot: ModelSnapshot, targeted: tuple[list, list]) -> None:
+        snapshot.restore()
+        self.targeted_module_names[:] = targeted[0]
+        if hasattr(self, "targeted_parameter_names"):
+            self.targeted_parameter_names[:] = targeted[1]
+        self.peft_config.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------------------- merging
+    def _refuse_non_finite(self, adapter_names: list[str] | None, action: str) -> None:
+        """Refuse to merge (or save) adapters holding NaN or inf, before any layer is changed."""
+        for adapter_name in adapter_names or self.active_adapters:
+            refuse_non_finite(adapter_tensors(self.model, adapter_name), adapter_name, action)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's merge_adapter, refusing first (with the tensor named) if an adapter holds NaN or inf."""
+        self._refuse_non_finite(adapter_names, "merge")
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._refuse_non_finite(adapter_names, "merge")
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ------------------------------------------------------------------------------- saving and loading
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection of the adapter's tensors for saving; an adapter holding NaN or inf is refused."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        refuse_non_finite(selected.items(), adapter_name, "save")
+        return selected
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Map checkpoint keys to the model, and refuse a checkpoint that does not fit before loading any of it.
 
-        If the checkpoint is refused, the adapter that `from_pretrained`/`load_adapter` has just
-        injected is removed again. The layers return to their original modules with their weights
-        untouched, and the error names the problem.
+        The checks: every tensor present with the model's shape and finite, the base weights those
+        the adapter was made from, and the file's checksum. If the checkpoint is refused, the
+        injection that `from_pretrained`/`load_adapter` has just made is undone, so the model is
+        exactly as before; an adapter that existed before the load is left as it was.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        tuner = getattr(model, "base_model", None)
+        undo = tuner._take_undo(adapter_name) if isinstance(tuner, FuraModel) else None
+        problem = config.__dict__.pop("_fura_load_problem", None)
         try:
             validate_adapter_state(model, adapter_name, remapped, config.fingerprint_tolerance)
+            if problem:
+                raise AdapterLoadError(f"cannot load FuRA adapter '{adapter_name}': {problem}")
         except AdapterLoadError:
-            remove_adapter(model, adapter_name)
+            if undo is not None:
+                tuner._undo_injection(adapter_name, *undo)
             raise
         return remapped
-
-
-def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Delete one adapter from every FuRA layer. A layer left with no adapter goes back to its base module."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, FuraLayer) or adapter_name not in module.fura_spec:
-            continue
-        module.delete_adapter(adapter_name)
-        if not module.fura_spec:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    for holder in (
-        model,
-        getattr(model, "base_model", None),
-        getattr(getattr(model, "base_model", None), "model", None),
-    ):
-        configs = getattr(holder, "peft_config", None)
-        if isinstance(configs, dict):
-            configs.pop(adapter_name, None)

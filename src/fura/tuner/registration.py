@@ -33,11 +33,12 @@ FURA_PEFT_TYPE = _add_peft_type(NAME.upper())
 
 
 def _name_the_file_on_bad_json() -> None:
-    """Make peft's first read of ``adapter_config.json`` name the file when it is not valid JSON.
+    """Make peft's first read of ``adapter_config.json`` name the file when it is not valid JSON or has no peft_type.
 
     `PeftModel.from_pretrained` reads the config through `PeftConfig._get_peft_type` before any
     FuRA code runs. A corrupt file would otherwise surface as a bare JSONDecodeError that names
-    no file. This only changes the message; valid files are untouched.
+    no file, and a missing ``peft_type`` as a bare KeyError. This only changes the message; valid
+    files are untouched.
     """
     from peft.config import PeftConfig
 
@@ -46,10 +47,17 @@ def _name_the_file_on_bad_json() -> None:
         return
 
     def _get_peft_type(cls, model_id: str, **kwargs):
+        from fura.tuner.checks import AdapterLoadError
+
         try:
             return original(cls, model_id, **kwargs)
         except json.JSONDecodeError as err:
-            raise ValueError(f"adapter_config.json in {model_id} is not valid JSON: {err}") from err
+            raise AdapterLoadError(f"adapter_config.json in {model_id} is not valid JSON: {err}") from err
+        except KeyError as err:
+            raise AdapterLoadError(
+                f"adapter_config.json in {model_id} has no {err}: it does not say which PEFT method made the "
+                'adapter (a FuRA adapter has "peft_type": "FURA")'
+            ) from err
 
     _get_peft_type._fura_wrapped = True
     PeftConfig._get_peft_type = classmethod(_get_peft_type)
