@@ -71,17 +71,17 @@ def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[s
     return ("core" if side == core_side else "basis"), False
 
 
-def _head_split(dim: int, model_config: dict) -> tuple[int, int]:
+def _head_split(dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
     heads = model_config.get("num_attention_heads")
     if not heads:
-        raise UserError("block_shape='head' needs num_attention_heads in the model config")
+        raise UserError(f"{module_name}: block_shape='head' needs num_attention_heads in the model config")
     head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
     kv_heads = model_config.get("num_key_value_heads") or heads
     for count in (heads, kv_heads):
         if count * head_dim == dim:
             return count, head_dim
     raise UserError(
-        f"block_shape='head': dimension {dim} is neither num_heads×head_dim ({heads}×{head_dim}) nor "
+        f"{module_name}: block_shape='head': dimension {dim} is neither num_heads×head_dim ({heads}×{head_dim}) nor "
         f"num_kv_heads×head_dim ({kv_heads}×{head_dim}); use 'closest' or an explicit (n, b) for this module"
     )
 
@@ -137,7 +137,7 @@ def _split(shape: SideShape, dim: int, model_config: dict, module_name: str) -> 
     if shape == "closest":
         return blocks.closest_factor_pair(dim)
     if shape == "head":
-        return _head_split(dim, model_config)
+        return _head_split(dim, model_config, module_name)
     if shape == "one":
         return 1, dim
     count, size = shape
