@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
 
+import fura.blocks
 from conftest import tiny_llama
 from fura import AdapterLoadError, FuraConfig, FuraLayer
 from fura.errors import UserError
@@ -48,14 +49,43 @@ HALF_FITTING = [FuraConfig(block_shape="head"), FuraConfig(block_shape=(4, 16))]
 
 
 @pytest.mark.parametrize("config", HALF_FITTING, ids=["head", "4x16"])
-def test_failed_injection_leaves_the_model_as_it_was(config):
+def test_failed_injection_leaves_the_model_as_it_was(config, monkeypatch):
     base = tiny_llama()
     before = _state(base)
-    with pytest.raises(UserError, match=r"down_proj|dimension 160"):
-        get_peft_model(base, config)
+    with monkeypatch.context() as patch:  # every layer's spec is checked before the first (costly) factorization
+        patch.setattr(fura.blocks, "block_svd", lambda *a, **k: pytest.fail("factorized before checking all layers"))
+        with pytest.raises(UserError, match=r"mlp\.down_proj: .*dimension 160"):
+            get_peft_model(base, config)
     _assert_same(base, before)
     # A valid config afterwards gives the normal trainable set, not every base parameter.
     assert _trainable(get_peft_model(base, FuraConfig())) == _trainable(get_peft_model(tiny_llama(), FuraConfig()))
+
+
+def test_any_error_during_injection_is_rolled_back(monkeypatch):
+    base = tiny_llama()
+    before = _state(base)
+    real, calls = fura.blocks.factorize, []
+
+    def fail_on_the_fifth_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fura.blocks, "factorize", fail_on_the_fifth_layer)
+        with pytest.raises(RuntimeError, match="simulated"):
+            get_peft_model(base, FuraConfig())
+    _assert_same(base, before)
+    assert _trainable(get_peft_model(base, FuraConfig())) == _trainable(get_peft_model(tiny_llama(), FuraConfig()))
+
+
+def test_classification_heads_added_by_peft_are_not_refused():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(BertForSequenceClassification(config), FuraConfig(task_type="SEQ_CLS"))
+    assert model.base_model.model.classifier.modules_to_save["default"].weight.requires_grad
 
 
 def test_failed_second_adapter_leaves_the_model_as_it_was():

@@ -204,12 +204,24 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, 
                     yield f"{name}.{attr}.{adapter_name}.{key}", param
 
 
-def check_modules_to_save(model: nn.Module, names: Iterable[str] | None) -> None:
-    """Every ``modules_to_save`` entry must match a module (PEFT's suffix match); PEFT itself ignores a typo."""
+# Heads that PEFT adds to modules_to_save for a task type, whichever of them the model has.
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def check_modules_to_save(model: nn.Module, names: Iterable[str] | None, task_type: str | None = None) -> None:
+    """Every ``modules_to_save`` entry must match a module (PEFT's suffix match); PEFT itself ignores a typo.
+
+    The heads PEFT adds for the config's task type are exempt: PEFT lists all candidates, and a model has one.
+    """
     if not names:
         return
     keys = [key for key, _ in model.named_modules()]
-    missing = [name for name in names if not any(key.endswith(name) for key in keys)]
+    exempt = _TASK_HEADS.get(str(task_type.value if hasattr(task_type, "value") else task_type), ())
+    missing = [name for name in names if name not in exempt and not any(key.endswith(name) for key in keys)]
     if missing:
         raise UserError(
             f"modules_to_save: {missing} match no module of the model, so nothing would be trained or saved for "

@@ -204,7 +204,7 @@ class FuraModel(BaseTuner):
         pass, a config that fits the attention layers but not the MLP would fail half-way through.
         """
         super()._prepare_model(peft_config, model)
-        check_modules_to_save(model, peft_config.modules_to_save)
+        check_modules_to_save(model, peft_config.modules_to_save, peft_config.task_type)
         _maybe_include_all_linear_layers(peft_config, model)
         inside_adapters = tuple(f"{key}." for key, mod in model.named_modules() if isinstance(mod, BaseTunerLayer))
         for key, module in model.named_modules():
