@@ -223,9 +223,10 @@ def check_modules_to_save(model: nn.Module, names: Iterable[str] | None, task_ty
     exempt = _TASK_HEADS.get(str(task_type.value if hasattr(task_type, "value") else task_type), ())
     missing = [name for name in names if name not in exempt and not any(key.endswith(name) for key in keys)]
     if missing:
+        ends = sorted({key.rpartition(".")[2] for key in keys if key and not key.endswith(tuple("0123456789"))})
         raise UserError(
             f"modules_to_save: {missing} match no module of the model, so nothing would be trained or saved for "
-            f"them; module names end in e.g. {sorted({key.rpartition('.')[2] for key in keys if key})[:12]}"
+            f"them; module names end in e.g. {ends[:12]}"
         )
 
 

@@ -270,7 +270,7 @@ class FuraConfig(PeftConfig):
         # Checked against the file when the weights are loaded (FuraModel._remap_adapter_state_dict_for_load),
         # after the shape, NaN and fingerprint checks, which say more about what is wrong.
         config._fura_load_problem = checks.check_weights_checksum(path, config.weights_sha256)
-        config._fura_loading = True
+        config._fura_loading = config_path
         return config
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

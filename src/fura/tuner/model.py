@@ -237,13 +237,16 @@ class FuraModel(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
-        except BaseException:
+        except BaseException as err:
             snapshot.restore()
             self.targeted_module_names[:] = targeted[0]
             if hasattr(self, "targeted_parameter_names"):
                 self.targeted_parameter_names[:] = targeted[1]
+            loading = self.peft_config[adapter_name].__dict__.pop("_fura_loading", None)
+            if loading and isinstance(err, UserError) and not isinstance(err, AdapterLoadError):
+                raise AdapterLoadError(f"{loading} does not fit this model: {err}") from err
             raise
-        if self.peft_config[adapter_name].__dict__.pop("_fura_loading", False):
+        if self.peft_config[adapter_name].__dict__.pop("_fura_loading", None):
             tensors = [tensor for _, tensor in adapter_tensors(model, adapter_name)]
             self._fura_undo = (adapter_name, snapshot, targeted, [(t, t._version) for t in tensors])
 
