@@ -160,7 +160,8 @@ class FuraLayer(BaseTunerLayer):
             fac = blocks.factorize(
                 frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=getattr(torch, factorization_dtype)
             )
-        core, sigma = fac.core.to(dtype), None if fac.sigma is None else fac.sigma.to(dtype)
+        # Contiguous, so that a reloaded adapter (contiguous from the file) computes bit for bit the same.
+        core, sigma = fac.core.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
             core = core + 0.1 * torch.randn_like(core) * core.abs().mean()
             if sigma is not None:
@@ -173,7 +174,7 @@ class FuraLayer(BaseTunerLayer):
                 frozen = dict(self.frozen_peft_weight_names)
                 frozen[adapter_name] = ("fura_sigma",)
                 self.frozen_peft_weight_names = frozen
-        self.fura_basis[adapter_name] = fac.basis.to(dtype)
+        self.fura_basis[adapter_name] = fac.basis.to(dtype).contiguous()
         sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(weight)
         self.fura_fingerprint[adapter_name] = sketch
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -216,7 +217,7 @@ class FuraLayer(BaseTunerLayer):
         for attr, tensor in tensors.items():
             if tensor is None:
                 continue
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(dtype).contiguous()
             if not init_weights and trains[attr]:  # the same non-identity test start as the implicit layers
                 noise = 0.1 * torch.randn_like(tensor)
                 tensor = tensor * (1 + noise) if attr == "fura_sigma" else tensor + noise * tensor.abs().mean()
@@ -283,7 +284,7 @@ class FuraLayer(BaseTunerLayer):
         return blocks.block_transform(basis, core, sigma)
 
     def explicit_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The current ``W(L, S, R)`` (out × in) of an explicit-layout adapter, in ``dtype`` (default: the adapter's)."""
+        """The current ``W(L, S, R)`` (out × in) of an explicit-layout adapter, in ``dtype`` (default: its own)."""
         sigma = self.fura_sigma[adapter_name] if adapter_name in self.fura_sigma else None
         left, right = self.fura_left[adapter_name], self.fura_right[adapter_name]
         if dtype is not None:
