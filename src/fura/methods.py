@@ -94,7 +94,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "qfura",
             "fura",
-            "QFuRA: FuRA over an NF4 (double-quantized) base; adapters in fp32, gradient checkpointing",
+            "QFuRA: FuRA over an NF4 (double-quantized) base, gradient checkpointing; its recipe keeps R and S in bf16",
             _FURA_DEFAULTS,
             quantized=True,
         ),
@@ -179,14 +179,18 @@ def _lora_targets(model: nn.Module | None) -> list[str] | str:
     return LORA_TARGET_MODULES[arch]
 
 
-def build(model: nn.Module, method: str, **overrides: Any) -> nn.Module:
+def build(model: nn.Module, method: str, autocast_adapter_dtype: bool = True, **overrides: Any) -> nn.Module:
     """Prepare ``model`` for training with ``method``; ``overrides`` replace the method's config defaults.
 
     Returns a `PeftModel` for adapter methods, or ``model`` itself (every parameter trainable) for
     ``"full"``. Quantized methods need a 4-bit base (see `load_model`) and turn on gradient
-    checkpointing, as QLoRA does.
+    checkpointing, as QLoRA does. ``autocast_adapter_dtype`` is PEFT's: True keeps the adapter in
+    fp32, False puts it in the base model's dtype (the compute dtype of a 4-bit base), which is the
+    paper's bf16 R and S for QFuRA. A recipe sets it in ``method_args``.
     """
     spec = get_method(method)
+    if spec.family == "full" and not autocast_adapter_dtype:
+        raise ValueError("autocast_adapter_dtype applies to adapter methods; method 'full' trains the model as it is")
     config = method_config(spec.name, model, **overrides)
     if spec.family == "full":
         model.requires_grad_(True)
@@ -200,7 +204,7 @@ def build(model: nn.Module, method: str, **overrides: Any) -> nn.Module:
     elif quant.is_4bit(model):
         logger.warning("method %r on a 4-bit base: did you mean 'q%s'?", spec.name, spec.name)
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         if "target_modules" not in str(err) and "not found in the base model" not in str(err):
             raise

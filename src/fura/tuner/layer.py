@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fura import blocks
+from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,20 @@ class LayerSpec:
             return self.n_blocks * self.rank * self.block_size + sigma
         per_rank = self.out_block_size * self.train_left + self.block_size * self.train_right
         return self.m_blocks * self.n_blocks * self.rank * per_rank + sigma
+
+
+def explicit_in_mixed_batch_message(names: list[str]) -> str:
+    """The error for explicit-layout adapters named in ``adapter_names``."""
+    return (
+        f"FuRA adapter(s) {names} use the explicit L·S·R layout, which replaces the whole weight, so they cannot serve "
+        "some rows of a mixed-adapter batch (adapter_names=...); run them one at a time with set_adapter(), "
+        "or train them in the implicit layout (train_position='small', decomp_mode output_one_block/input_one_block)"
+    )
+
+
+def _creation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype adapters are built in from the factorization: fp64 on fp64 bases, fp32 otherwise."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
@@ -135,8 +150,8 @@ class FuraLayer(BaseTunerLayer):
         frame = self._frame(weight, spec.mode)
         if frame.shape[1] != spec.n_blocks * spec.block_size:
             raise ValueError(f"block shape {spec.n_blocks}×{spec.block_size} does not cover dimension {frame.shape[1]}")
-        # Adapters train in fp32 whatever the base dtype (like peft's autocast_adapter_dtype); fp64 on fp64 bases.
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # Created in fp32 (fp64 on fp64 bases); FuraModel._cast_adapter_dtype then casts to the final dtype.
+        dtype = _creation_dtype(weight)
         if empty:
             n, b, r, where = spec.n_blocks, spec.block_size, spec.rank, {"device": weight.device, "dtype": dtype}
             sigma = torch.empty(n, r, **where) if spec.fold == "keep" else None
@@ -145,7 +160,8 @@ class FuraLayer(BaseTunerLayer):
             fac = blocks.factorize(
                 frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=getattr(torch, factorization_dtype)
             )
-        core, sigma = fac.core.to(dtype), None if fac.sigma is None else fac.sigma.to(dtype)
+        # Contiguous, so that a reloaded adapter (contiguous from the file) computes bit for bit the same.
+        core, sigma = fac.core.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
             core = core + 0.1 * torch.randn_like(core) * core.abs().mean()
             if sigma is not None:
@@ -158,7 +174,7 @@ class FuraLayer(BaseTunerLayer):
                 frozen = dict(self.frozen_peft_weight_names)
                 frozen[adapter_name] = ("fura_sigma",)
                 self.frozen_peft_weight_names = frozen
-        self.fura_basis[adapter_name] = fac.basis.to(dtype)
+        self.fura_basis[adapter_name] = fac.basis.to(dtype).contiguous()
         sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(weight)
         self.fura_fingerprint[adapter_name] = sketch
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -186,7 +202,7 @@ class FuraLayer(BaseTunerLayer):
                 "so the adapted model does not start from the base model",
                 stacklevel=2,
             )
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = _creation_dtype(weight)
         if empty:
             where = {"device": weight.device, "dtype": dtype}
             sigma = torch.empty(k, r, **where) if spec.fold == "keep" else None
@@ -201,7 +217,7 @@ class FuraLayer(BaseTunerLayer):
         for attr, tensor in tensors.items():
             if tensor is None:
                 continue
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(dtype).contiguous()
             if not init_weights and trains[attr]:  # the same non-identity test start as the implicit layers
                 noise = 0.1 * torch.randn_like(tensor)
                 tensor = tensor * (1 + noise) if attr == "fura_sigma" else tensor + noise * tensor.abs().mean()
@@ -215,7 +231,7 @@ class FuraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        # Keep adapters in fp32 (like peft's autocast_adapter_dtype); move them to the base layer's device.
+        # Move the adapter to the base layer's device and keep its dtype (`cast_adapter` sets that).
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
         target = device if device is not None else (weight.device if weight is not None else None)
@@ -230,15 +246,49 @@ class FuraLayer(BaseTunerLayer):
                 else:
                     container[adapter_name] = tensor.to(target)
 
-    def transform(self, adapter_name: str) -> torch.Tensor:
-        """The current block transform ``M`` (n, b, b) of an adapter."""
-        sigma = self.fura_sigma[adapter_name] if adapter_name in self.fura_sigma else None
-        return blocks.block_transform(self.fura_basis[adapter_name], self.fura_core[adapter_name], sigma)
+    def adapter_dtype(self, autocast: bool) -> torch.dtype:
+        """The dtype an adapter lives in: fp32 with ``autocast`` (fp64 on fp64 bases), else the base layer's dtype.
 
-    def explicit_weight(self, adapter_name: str) -> torch.Tensor:
-        """The current ``W(L, S, R)`` (out × in) of an explicit-layout adapter."""
+        That is PEFT's ``autocast_adapter_dtype``: a 4-bit base counts as its compute dtype, as in
+        `BaseTunerLayer._get_base_layer_device_and_dtype`.
+        """
+        _, base_dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        if base_dtype is None or not base_dtype.is_floating_point:
+            return torch.float32
+        if autocast:
+            return torch.float64 if base_dtype == torch.float64 else torch.float32
+        return base_dtype
+
+    def cast_adapter(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Cast one adapter's cores, S and frozen basis to ``dtype``, keeping which of them train.
+
+        The sketch of the base weight (`fura_fingerprint`) stays fp32: it is a load-time check, not
+        adapter math. Parameters are re-created rather than changed in place, as PEFT's own cast does.
+        """
+        for name in (*self.adapter_layer_names, "fura_basis"):
+            container = getattr(self, name)
+            if adapter_name not in container or container[adapter_name].dtype == dtype:
+                continue
+            tensor = container[adapter_name]
+            if isinstance(tensor, nn.Parameter):
+                container[adapter_name] = nn.Parameter(tensor.data.to(dtype), requires_grad=tensor.requires_grad)
+            else:
+                container[adapter_name] = tensor.to(dtype)
+
+    def transform(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The current block transform ``M`` (n, b, b) of an adapter, computed in ``dtype`` (default: the adapter's)."""
+        sigma = self.fura_sigma[adapter_name] if adapter_name in self.fura_sigma else None
+        basis, core = self.fura_basis[adapter_name], self.fura_core[adapter_name]
+        if dtype is not None:
+            basis, core, sigma = basis.to(dtype), core.to(dtype), None if sigma is None else sigma.to(dtype)
+        return blocks.block_transform(basis, core, sigma)
+
+    def explicit_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The current ``W(L, S, R)`` (out × in) of an explicit-layout adapter, in ``dtype`` (default: its own)."""
         sigma = self.fura_sigma[adapter_name] if adapter_name in self.fura_sigma else None
         left, right = self.fura_left[adapter_name], self.fura_right[adapter_name]
+        if dtype is not None:
+            left, right, sigma = left.to(dtype), right.to(dtype), None if sigma is None else sigma.to(dtype)
         return blocks.explicit_weight(left, right, sigma, self.fura_spec[adapter_name].m_blocks)
 
     def _check_explicit_alone(self, adapter_names: list[str]) -> None:
@@ -261,10 +311,10 @@ class FuraLayer(BaseTunerLayer):
         self._check_explicit_alone(adapter_names)
         for name in adapter_names:
             spec = self.fura_spec[name]
-            if spec.explicit:
-                weight = self.explicit_weight(name).detach().to(weight)
+            if spec.explicit:  # computed in the merge's precision, whatever the adapter's dtype
+                weight = self.explicit_weight(name, weight.dtype).detach().to(weight)
                 continue
-            m = self.transform(name).detach().to(weight)
+            m = self.transform(name, weight.dtype).detach().to(weight)
             if spec.mode == FRAME_OUTPUT:
                 weight = blocks.merge_into(weight, m)
             else:
@@ -329,10 +379,13 @@ class FuraLinear(nn.Module, FuraLayer):
         self.update_layer(adapter_name, spec, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)  # set per call by FuraModel's pre-forward hook
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.fura_spec]
@@ -356,6 +409,53 @@ class FuraLinear(nn.Module, FuraLayer):
             result = result.to(dtype)
             if bias is not None:
                 result = result + bias
+        return result
+
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        """Refuse what a mixed-adapter batch cannot do on this layer, before computing anything."""
+        if len(x) != len(adapter_names):
+            raise UserError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} rows; give one name per row"
+            )
+        if self.merged:
+            raise UserError(
+                f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; call unmerge_adapter()"
+            )
+        explicit = sorted({name for name in adapter_names if name in self.fura_spec and self.fura_spec[name].explicit})
+        if explicit:
+            raise UserError(explicit_in_mixed_batch_message(explicit))
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each row of the batch through its own adapter (``"__base__"``: none), as PEFT's LoRA does.
+
+        The base layer still runs once on the whole batch. Input-side adapters transform their rows
+        of ``x`` before it, output-side adapters their rows of the result after it. Rows whose
+        adapter is not on this layer (and ``"__base__"`` rows) see the base layer alone.
+        """
+        self._check_mixed_batch(x, adapter_names)
+        rows: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            if name in self.fura_spec:
+                rows.setdefault(name, []).append(row)
+        index = {name: torch.tensor(picked, device=x.device) for name, picked in rows.items()}
+        dtype = x.dtype
+        input_side = [name for name in rows if self.fura_spec[name].mode == FRAME_OUTPUT]
+        output_side = [name for name in rows if self.fura_spec[name].mode == FRAME_INPUT]
+        if input_side:
+            x = x.clone()
+            for name in input_side:
+                x[index[name]] = self._apply_adapter(name, x[index[name]]).to(dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if output_side:
+            result = result.clone()
+            bias = self.get_base_layer().bias
+            for name in output_side:
+                part = result[index[name]]
+                part = part - bias if bias is not None else part
+                part = self._apply_adapter(name, part, transpose=True).to(dtype)
+                result[index[name]] = part + bias if bias is not None else part
         return result
 
     def _apply_adapter(self, name: str, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

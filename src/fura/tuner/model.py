@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from fura import blocks
@@ -21,7 +24,16 @@ from fura.tuner.checks import (
     validate_adapter_state,
 )
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
-from fura.tuner.layer import EXPLICIT, FRAME_INPUT, FRAME_OUTPUT, FuraLayer, FuraLinear, LayerSpec, base_features
+from fura.tuner.layer import (
+    EXPLICIT,
+    FRAME_INPUT,
+    FRAME_OUTPUT,
+    FuraLayer,
+    FuraLinear,
+    LayerSpec,
+    base_features,
+    explicit_in_mixed_batch_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +168,12 @@ def _parameters_go_to_meta() -> bool:
     return probe.probe.device.type == "meta"
 
 
+def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    """Pass the batch's per-row adapter names to a layer's forward (PEFT's mixed-batch mechanism)."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
 class FuraModel(BaseTuner):
     """Adds FuRA adapters to a model (used through `peft.get_peft_model` with a `FuraConfig`)."""
 
@@ -187,6 +205,72 @@ class FuraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Put adapter ``adapter_name`` in its dtype: fp32 (PEFT's default autocast) or the base model's dtype.
+
+        PEFT calls this after `get_peft_model`, `add_adapter`, `from_pretrained` and `load_adapter`,
+        with or without ``low_cpu_mem_usage``. FuRA builds its tensors in fp32 from the factorization
+        (``factorization_dtype``) and casts them here, at the end, so an fp16/bf16 adapter
+        (``autocast_adapter_dtype=False``) starts from the rounded exact factors. On the
+        ``low_cpu_mem_usage`` path the checkpoint's tensors are assigned as saved, and are cast here too.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)  # other tuner layers (trainable tokens)
+        for module in self.model.modules():
+            if isinstance(module, FuraLayer) and adapter_name in module.fura_spec:
+                module.cast_adapter(adapter_name, module.adapter_dtype(autocast_adapter_dtype))
+
+    # ---------------------------------------------------------------------- mixed-adapter batches
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Serve ``model(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])``: one adapter per row.
+
+        As in PEFT's LoRA, a pre-forward hook on every FuRA layer (and on ``modules_to_save``
+        wrappers) hands it the names for the duration of the call; ``"__base__"`` names the base model.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        self._check_adapter_names(adapter_names)
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row num_beams times
+            names = [name for name in names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (FuraLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if names != list(adapter_names) and encoder is not None and encoder is not self.model:
+            for module in encoder.modules():  # the encoder sees the rows before they are repeated for beams
+                if isinstance(module, (FuraLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=list(adapter_names))
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_adapter_names(self, adapter_names: list[str]) -> None:
+        """Refuse a mixed-adapter batch FuRA cannot serve, naming the adapter and the fix."""
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise UserError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        if self.training:
+            raise UserError("adapter_names is for inference; call model.eval() first (it cannot be used in training)")
+        layers = [module for module in self.model.modules() if isinstance(module, FuraLayer)]
+        known = {name for layer in layers for name in layer.fura_spec}
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise UserError(f"adapter_names: no FuRA adapter named {unknown}; loaded adapters are {sorted(known)}")
+        if any(layer.merged for layer in layers):
+            raise UserError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        named = set(adapter_names)
+        explicit = sorted({name for layer in layers for name, spec in layer.fura_spec.items() if spec.explicit} & named)
+        if explicit:
+            raise UserError(explicit_in_mixed_batch_message(explicit))
 
     def _target_spec(self, config: FuraConfig, target: nn.Module, key: str) -> LayerSpec:
         """The `LayerSpec` of one target module; raises if FuRA cannot adapt it. Touches nothing."""
