@@ -118,7 +118,7 @@ class FuraLayer(BaseTunerLayer):
         adapter_name: str,
         spec: LayerSpec,
         init_weights: bool = True,
-        factorization_dtype: str = "float64",
+        factorization_dtype: str = "auto",
         inference_mode: bool = False,
         empty: bool = False,
         **kwargs: Any,
@@ -143,7 +143,7 @@ class FuraLayer(BaseTunerLayer):
             fac = blocks.Factorization(torch.empty(n, b, r, **where), torch.empty(n, r, b, **where), sigma)
         else:
             fac = blocks.factorize(
-                frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=getattr(torch, factorization_dtype)
+                frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=factorization_dtype
             )
         core, sigma = fac.core.to(dtype), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
@@ -193,7 +193,7 @@ class FuraLayer(BaseTunerLayer):
             fac = blocks.ExplicitFactorization(torch.empty(k, a, r, **where), torch.empty(k, r, b, **where), sigma)
         else:
             fac = blocks.factorize_explicit(
-                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.fold, dtype=getattr(torch, factorization_dtype)
+                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.fold, dtype=factorization_dtype
             )
         tensors = {"fura_left": fac.left, "fura_right": fac.right, "fura_sigma": fac.sigma}
         trains = {"fura_left": spec.train_left, "fura_right": spec.train_right, "fura_sigma": spec.sigma_trainable}
