@@ -162,6 +162,16 @@ def _sorted_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return eigvals.flip(-1)[:, :rank], eigvecs.flip(-1)[:, :, :rank]
 
 
+def float_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` detached, as fp32 unless it is fp32 or fp64 already: one copy for the factorization and fingerprint.
+
+    The factorization computes in fp32 at least, and casting a half-precision weight chunk by chunk, once per
+    use, costs about as much as the Gram matrices themselves on a CPU.
+    """
+    weight = weight.detach()
+    return weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
+
+
 def block_svd(
     frame: torch.Tensor, n_blocks: int, rank: int, dtype: Precision | torch.dtype = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:

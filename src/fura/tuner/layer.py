@@ -142,9 +142,10 @@ class FuraLayer(BaseTunerLayer):
             sigma = torch.empty(n, r, **where) if spec.fold == "keep" else None
             fac = blocks.Factorization(torch.empty(n, b, r, **where), torch.empty(n, r, b, **where), sigma)
         else:
-            fac = blocks.factorize(
-                frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=factorization_dtype
-            )
+            # One fp32 copy of a half-precision weight serves the factorization and the fingerprint.
+            source = blocks.float_weight(weight)
+            frame = self._frame(source, spec.mode)
+            fac = blocks.factorize(frame, spec.n_blocks, spec.rank, spec.fold, dtype=factorization_dtype)
         core, sigma = fac.core.to(dtype), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
             core = core + 0.1 * torch.randn_like(core) * core.abs().mean()
@@ -159,7 +160,7 @@ class FuraLayer(BaseTunerLayer):
                 frozen[adapter_name] = ("fura_sigma",)
                 self.frozen_peft_weight_names = frozen
         self.fura_basis[adapter_name] = fac.basis.to(dtype)
-        sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(weight)
+        sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(source)
         self.fura_fingerprint[adapter_name] = sketch
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
