@@ -113,3 +113,15 @@ def test_config_default_is_auto_and_bad_values_are_named():
     assert FuraConfig().factorization_dtype == "auto"
     with pytest.raises(ValueError, match="factorization_dtype"):
         FuraConfig(factorization_dtype="bfloat16")
+
+
+def test_gram_matrices_ignore_a_lowered_matmul_precision():
+    a = frame(ill_kappa=2.0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # may allow bf16/TF32 products for fp32 matmuls
+    try:
+        v, s = blocks.block_svd(a, N_BLOCKS, BLOCK)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert orthonormality_error(a, v, s).max() < 1e-5

@@ -131,12 +131,18 @@ def _gram_matrices(
     gram = torch.zeros(count, block, block, dtype=dtype, device=frame.device)
     needs_copy = frame.dtype != dtype or index is not None
     chunk = max(1, (1 << 24) // max(count * block, 1)) if needs_copy else rows
-    for start in range(0, rows, chunk):
-        part = frame[start : start + chunk].reshape(-1, n_blocks, block)
-        if index is not None:
-            part = part[:, index]
-        part = part.to(dtype).transpose(0, 1)  # (k, t, b)
-        gram.baddbmm_(part.transpose(1, 2), part)
+    # Full fp32 products: TF32 (or bf16 on CPU) under a lower matmul precision would void the check in block_svd.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for start in range(0, rows, chunk):
+            part = frame[start : start + chunk].reshape(-1, n_blocks, block)
+            if index is not None:
+                part = part[:, index]
+            part = part.to(dtype).transpose(0, 1)  # (k, t, b)
+            gram.baddbmm_(part.transpose(1, 2), part)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return gram
 
 
