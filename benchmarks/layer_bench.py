@@ -7,7 +7,7 @@ For each Llama-3-8B layer shape it measures, with a batch of 1024 tokens:
 * the bytes autograd saves for backward, as a multiple of the input activation. The input itself is
   not counted, since it exists anyway, nor are parameters and buffers;
 * FuRA's conversion (block SVD) time per shape, extrapolated to all 224 target layers of
-  Llama-3-8B.
+  Llama-3-8B (`conversion_bench.py` measures it on all of them instead).
 
 It uses fp32 on CPU, and bf16 when a GPU is present. Run it with::
 
@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for res in results:
         console.print(f"conversion {res['shape']}: {res['conversion_s']:.2f} s")
-    console.print(f"conversion of all 224 Llama-3-8B target layers (extrapolated): {conv_total:.0f} s")
+    console.print(
+        f"conversion of all 224 Llama-3-8B target layers (extrapolated): {conv_total:.0f} s; see conversion_bench.py"
+    )
     lora = {r["shape"]: r["saved_x_input"]["LoRA r=32"] for r in results}
     checks = {
         "time <= 1.05x LoRA r=32 on every shape": all(r["vs_lora32"]["FuRA"] <= 1.05 for r in results),

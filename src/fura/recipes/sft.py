@@ -215,8 +215,11 @@ def run(
         accuracy = evaluate_after_training(trainer.model, tokenizer, recipe["eval"])
         if accuracy is not None:
             metrics["commonsense"] = accuracy
+    # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)} if sharded else {}
     if args.should_save:
-        methods.save(trainer.model, output_dir)
+        methods.save(trainer.model, output_dir, **gathered)
         tokenizer.save_pretrained(output_dir)
         series = loss_series(trainer.state.log_history)
         plot = plot_curves(

@@ -17,7 +17,7 @@ DECOMP_MODES = ("output_one_block", "input_one_block", "square")
 TRAIN_POSITIONS = ("small", "large", "both")
 S_MERGED_TO = KEEP_MODES + FOLD_MODES
 BIAS_MODES = ("none", "all", "fura_only")
-FACTORIZATION_DTYPES = ("float64", "float32")
+FACTORIZATION_DTYPES = ("auto", "float64", "float32")
 
 # Module groups of the paper's per-group options, recognised from the end of a module's path.
 MODULE_GROUPS: dict[str, str] = {
@@ -165,7 +165,11 @@ class FuraConfig(PeftConfig):
         },
     )
     factorization_dtype: str = field(
-        default="float64", metadata={"help": "Precision of the block SVD at init, whatever the base dtype."}
+        default="auto",
+        metadata={
+            "help": "Precision of the block SVD at init, whatever the base dtype: 'auto' (fp32, each block whose "
+            "conditioning fp32 cannot resolve redone in fp64; fp64 on fp64 bases), 'float64' or 'float32'."
+        },
     )
     init_weights: bool = field(
         default=True,

@@ -133,7 +133,7 @@ class FuraLayer(BaseTunerLayer):
         adapter_name: str,
         spec: LayerSpec,
         init_weights: bool = True,
-        factorization_dtype: str = "float64",
+        factorization_dtype: str = "auto",
         inference_mode: bool = False,
         empty: bool = False,
         **kwargs: Any,
@@ -157,9 +157,10 @@ class FuraLayer(BaseTunerLayer):
             sigma = torch.empty(n, r, **where) if spec.fold == "keep" else None
             fac = blocks.Factorization(torch.empty(n, b, r, **where), torch.empty(n, r, b, **where), sigma)
         else:
-            fac = blocks.factorize(
-                frame.detach(), spec.n_blocks, spec.rank, spec.fold, dtype=getattr(torch, factorization_dtype)
-            )
+            # One fp32 copy of a half-precision weight serves the factorization and the fingerprint.
+            source = blocks.float_weight(weight)
+            frame = self._frame(source, spec.mode)
+            fac = blocks.factorize(frame, spec.n_blocks, spec.rank, spec.fold, dtype=factorization_dtype)
         # Contiguous, so that a reloaded adapter (contiguous from the file) computes bit for bit the same.
         core, sigma = fac.core.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
@@ -175,7 +176,7 @@ class FuraLayer(BaseTunerLayer):
                 frozen[adapter_name] = ("fura_sigma",)
                 self.frozen_peft_weight_names = frozen
         self.fura_basis[adapter_name] = fac.basis.to(dtype).contiguous()
-        sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(weight)
+        sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(source)
         self.fura_fingerprint[adapter_name] = sketch
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -209,7 +210,7 @@ class FuraLayer(BaseTunerLayer):
             fac = blocks.ExplicitFactorization(torch.empty(k, a, r, **where), torch.empty(k, r, b, **where), sigma)
         else:
             fac = blocks.factorize_explicit(
-                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.fold, dtype=getattr(torch, factorization_dtype)
+                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.fold, dtype=factorization_dtype
             )
         tensors = {"fura_left": fac.left, "fura_right": fac.right, "fura_sigma": fac.sigma}
         trains = {"fura_left": spec.train_left, "fura_right": spec.train_right, "fura_sigma": spec.sigma_trainable}

@@ -1,0 +1,133 @@
+"""FSDP2 on CPU: FuRA sharded with ``fully_shard`` over 2 gloo processes trains and saves as one process does.
+
+Two routes: torch's own ``fully_shard`` (tests/fsdp_worker.py under torchrun), and the shipped
+accelerate config (configs/accelerate/fsdp.yaml) driving ``fura train`` through the Trainer. On CPU
+accelerate would fall back to plain data parallelism, so tests/accelerate_cpu_fsdp.py makes it take
+its FSDP path with gloo; the config itself is used unchanged apart from ``--mixed_precision no``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+import fsdp_worker
+from conftest import DECODER_TARGETS, save_tiny_llama_dir, tiny_llama
+from fura.cli import main
+from fura.data.commonsense import generate_prompt
+from fura.methods import method_config
+
+TESTS = Path(__file__).parent
+CONFIG = TESTS.parent / "configs" / "accelerate" / "fsdp.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def assert_same_adapter(one: Path, two: Path) -> None:
+    a, b = adapter(one), adapter(two)
+    assert sorted(a) == sorted(b) and any(k.endswith(".fura_core") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fully_shard_training_and_save_match_one_process(tmp_path):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    fsdp_worker.run(tmp_path / "one")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, str(TESTS / "fsdp_worker.py"), str(tmp_path / "two")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert two["world"] == 2 and two["dtensor_params"] > 0  # the parameters really were sharded
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert one["losses"][-1] < one["losses"][0] - 0.05
+    assert_same_adapter(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
+    # ... and training moved the adapter away from its lossless init
+    init = get_peft_model_state_dict(
+        get_peft_model(tiny_llama(seed=0), method_config("fura", tiny_llama(), target_modules=DECODER_TARGETS))
+    )
+    trained = adapter(tmp_path / "two" / "adapter")
+    core = next(k for k in trained if k.endswith(".fura_core"))
+    assert (trained[core] - init[core]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    rng = random.Random(0)
+    records = [
+        {
+            "instruction": f"Is {rng.choice('abcdef')} before {rng.choice('abcdef')}?",
+            "input": "",
+            "output": f"the correct answer is {rng.choice(['true', 'false'])}",
+            "answer": "",
+        }
+        for _ in range(32)
+    ]
+    (root / "train.json").write_text(json.dumps(records))
+    save_tiny_llama_dir(root / "model", [generate_prompt(r["instruction"]) + r["output"] for r in records], 32)
+    recipe = {
+        "track": "commonsense",
+        "model": str(root / "model"),
+        "method": "fura",
+        "data": str(root / "train.json"),
+        "data_args": {"max_length": 128, "val_size": 0},
+        "output_dir": str(root / "unused"),
+        "training": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "seed": 0,
+        },
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    return [e["loss"] for e in json.loads((out / "run.json").read_text())["log_history"] if "loss" in e]
+
+
+def test_shipped_accelerate_fsdp_config_trains_and_saves_like_one_process(recipe_path, tmp_path):
+    assert main(["train", "--config", str(recipe_path), "--output-dir", str(tmp_path / "one")]) == 0
+    state = tmp_path / "state"
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)),
+        *("--num_processes", "2", "--mixed_precision", "no", str(TESTS / "accelerate_cpu_fsdp.py")),
+        *("fura.cli", "train", "--config", str(recipe_path), "--output-dir", str(tmp_path / "two")),
+        *("--set", "training.per_device_train_batch_size=4"),
+    ]
+    done = subprocess.run(
+        command, env={**ENV, "FURA_TEST_STATE": str(state)}, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # accelerate ran its FSDP2 plugin on both processes
+        assert json.loads(Path(f"{state}.{rank}").read_text()) == {
+            "distributed_type": "DistributedType.FSDP",
+            "fsdp_version": 2,
+        }
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3 and two == pytest.approx(one, rel=1e-4)
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
