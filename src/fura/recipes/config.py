@@ -71,6 +71,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise RecipeError(f"recipe {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe {path} cannot be read as UTF-8 text: {err}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
@@ -90,5 +92,12 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
     for key in ("model", "method", "output_dir"):
         if not recipe.get(key):
             raise RecipeError(f"recipe {path}: missing required key {key!r}")
+    from fura.methods import METHODS
+
+    if str(recipe["method"]).lower() not in METHODS:
+        raise RecipeError(
+            f"recipe {path}: unknown method {recipe['method']!r} (key 'method' or --method); "
+            f"choose one of: {', '.join(METHODS)}"
+        )
     recipe["_source"] = str(path)
     return recipe
