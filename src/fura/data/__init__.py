@@ -17,7 +17,14 @@ def read_text_file(path: str | os.PathLike, error: type[UserError] = UserError) 
     """
     path = Path(path)
     data = path.read_bytes()
-    if data.startswith(_UTF16_BOMS) or (len(data) >= 2 and (data[0] == 0) != (data[1] == 0)):
+    head = data[:64]
+    ascii_utf16 = (
+        len(head) >= 2
+        and any(  # ASCII text (JSON starts so) in UTF-16 without a BOM
+            not any(head[zeros::2]) and all(head[1 - zeros :: 2]) for zeros in (0, 1)
+        )
+    )
+    if data.startswith(_UTF16_BOMS) or ascii_utf16:
         raise error(f"{path}: the file is UTF-16 encoded; data files must be UTF-8 (re-save it as UTF-8)")
     if b"\x00" in data:
         raise error(f"{path}: a binary file (it holds NUL bytes); data files must be UTF-8 JSON/JSONL text")
