@@ -93,7 +93,7 @@ class NonFiniteGuard(TrainerCallback):
         last = last_complete_checkpoint(args.output_dir, log=False)
         kept = f"the last finite checkpoint is {last}" if last else "no checkpoint was written before it"
         raise NonFiniteError(
-            f"training diverged: non-finite gradient at step {step} (loss or gradients are NaN/inf); {kept}. "
+            f"training diverged at step {step}: its loss or gradients are NaN/inf; {kept}. "
             "Lower training.learning_rate, or set training_guard.nonfinite=skip to skip such steps"
         )
 
