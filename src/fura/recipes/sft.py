@@ -21,7 +21,7 @@ from fura.recipes.config import RecipeError
 
 logger = logging.getLogger(__name__)
 
-# The paper's commonsense optimisation settings (DESIGN.md §4); a recipe's `training` overrides them.
+# The paper's commonsense settings (docs/design.md#the-papers-recipes); a recipe's `training` overrides them.
 PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "num_train_epochs": 3,
