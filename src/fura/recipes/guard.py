@@ -113,7 +113,8 @@ def attach(trainer: Any, recipe: dict[str, Any]) -> NonFiniteGuard:
     """Add the non-finite guard (as the recipe configures it) and the checkpoint marker to ``trainer``."""
     guard = NonFiniteGuard.from_recipe(recipe)
     trainer.add_callback(guard)
-    trainer.add_callback(CheckpointMarker())
+    # First in line: a checkpoint is complete once the Trainer has written it, whatever other callbacks do next.
+    trainer.callback_handler.callbacks.insert(0, CheckpointMarker())
     if os.environ.get(KILL_ENV, "").startswith("save:"):
         save = trainer._save_optimizer_and_scheduler
 
