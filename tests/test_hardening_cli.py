@@ -92,6 +92,14 @@ def test_unknown_method_lists_the_choices(capsys, workspace):
     assert "'frua'" in line and "fura, " in line and "lora" in line and "qdora" in line
 
 
+def test_bad_method_args_and_training_guard_are_one_line(capsys, workspace):
+    argv = ["train", "--config", str(workspace / "recipe.yaml"), "--dry-run"]
+    line = user_error(capsys, [*argv, "--set", "method_args.rnak=4"])
+    assert "method_args" in line and "rnak" in line
+    line = user_error(capsys, [*argv, "--set", "training_guard.nonfinite=ignore"])
+    assert "training_guard.nonfinite must be one of ['error', 'skip'], got 'ignore'" in line
+
+
 def test_missing_model_path_says_it_does_not_exist(capsys, workspace):
     argv = ["train", "--config", str(workspace / "recipe.yaml"), "--model", "/tmp/does/not/exist", "--dry-run"]
     line = user_error(capsys, argv)

@@ -101,3 +101,20 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
         )
     recipe["_source"] = str(path)
     return recipe
+
+
+def build_method(model: Any, recipe: dict[str, Any]) -> Any:
+    """``fura.methods.build`` for the recipe's method and ``method_args``; a config it refuses is a `RecipeError`."""
+    from fura import methods
+
+    method_args = recipe.get("method_args") or {}
+    if not isinstance(method_args, dict):
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: method_args must be a mapping, got {method_args!r}")
+    try:
+        return methods.build(model, recipe["method"], **method_args)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: method {recipe['method']!r} with method_args {method_args}: {err}"
+        ) from err

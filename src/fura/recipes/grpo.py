@@ -34,7 +34,7 @@ from fura import methods, quant, reporting
 from fura.data.math import MATH_TRAIN, MATH_TRAIN_SIZE, grpo_dataset, has_chat_template, load_problems
 from fura.loading import check_model_source
 from fura.recipes import guard
-from fura.recipes.config import RecipeError
+from fura.recipes.config import RecipeError, build_method
 from fura.rewards import boxed_accuracy_reward
 from fura.vllm_sync import DenseSyncVLLMGeneration, needs_dense_sync
 
@@ -92,7 +92,7 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
     )
     tokenizer = AutoTokenizer.from_pretrained(model_source, padding_side="left")
     model = methods.load_model(model_source, recipe["method"], **(recipe.get("model_args") or {}))
-    model = methods.build(model, recipe["method"], **(recipe.get("method_args") or {}))
+    model = build_method(model, recipe)
     trainable, total = methods.trainable_parameters(model)
     logger.info(
         "%s: %s trainable of %s parameters (%.2f%%)",

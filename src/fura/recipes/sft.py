@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fura.recipes.config import RecipeError
+from fura.recipes.config import RecipeError, build_method
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def build_model(recipe: dict[str, Any]):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     base = methods.load_model(model_source, recipe["method"], **model_args)
-    model = methods.build(base, recipe["method"], **(recipe.get("method_args") or {}))
+    model = build_method(base, recipe)
     return tokenizer, model
 
 
