@@ -76,9 +76,12 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else torch.tensor(True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Sharded gradients (FSDP) differ per rank: every rank must take the same decision.
+            flag = finite.to(device=args.device, dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
         if bool(finite):
             return
         step = state.global_step + 1
