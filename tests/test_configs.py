@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("path", TRACK1 + TRACK4, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_dry_run_builds_model_and_method(path, tiny_model, tmp_path):
-    recipe = load_recipe(path, {"model": str(tiny_model), "output_dir": str(tmp_path / "out")})
+    data = tmp_path / "train.json"  # a dry run reads and tokenizes the data too
+    data.write_text(json.dumps([{"instruction": "q", "output": "the correct answer is true"}] * 4))
+    recipe = load_recipe(path, {"model": str(tiny_model), "output_dir": str(tmp_path / "out"), "data": str(data)})
+    recipe["data_args"]["val_size"] = 2
     summary = sft.run(recipe, dry_run=True)
     assert summary["dry_run"] and summary["method"] == path.stem
     assert 0 < summary["trainable_parameters"] <= summary["total_parameters"]

@@ -67,10 +67,10 @@ def test_length_cap_truncates_and_drops_records_left_without_response(tokenizer,
     assert sum(label != IGNORE_INDEX for label in capped["labels"]) == 2
     path = tmp_path / "train.json"
     path.write_text(json.dumps([RECORD] * 5))
-    train, val = build_datasets(path, tokenizer, max_length=prompt_len, val_size=0)
-    assert val is None and len(train) == 0  # nothing left to learn from: dropped, not trained on silently
+    with pytest.raises(DataFormatError, match=r"train\.json: every training record .* data_args\.max_length"):
+        build_datasets(path, tokenizer, max_length=prompt_len, val_size=0)  # nothing left to learn from
     train, val = build_datasets(path, tokenizer, max_length=prompt_len + 1, val_size=0)
-    assert len(train) == 5
+    assert val is None and len(train) == 5
 
 
 def test_validation_split_and_jsonl(tokenizer, tmp_path):

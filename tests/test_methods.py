@@ -168,7 +168,7 @@ def test_llama3_8b_parameter_table(llama3_8b_meta):
     counts = {name: methods.count_parameters(llama3_8b_meta, name) for name in methods.METHODS}
     assert counts == LLAMA3_8B_EXPECTED
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    for rank, expected in ((32, 83_886_080), (64, 167_772_160)):  # DESIGN.md §1
+    for rank, expected in ((32, 83_886_080), (64, 167_772_160)):  # docs/design.md#the-math
         assert methods.count_parameters(llama3_8b_meta, "lora", r=rank, target_modules=seven) == expected
     # docs/methods.md carries this table; it must not drift from the code.
     docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()

@@ -19,8 +19,12 @@ def test_resume_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, caplog):
 
 
 def test_resume_finds_the_last_checkpoint(tmp_path):
+    from fura.recipes.guard import write_marker
+
     for step in (4, 12, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        write_marker(tmp_path / f"checkpoint-{step}")
     assert reporting.resume_checkpoint(tmp_path, resume=True).endswith("checkpoint-12")
 
 

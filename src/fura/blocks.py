@@ -10,7 +10,7 @@ singular values ``σ_j`` start at ``s_j``. The adapted matrix is
     A(R, σ) = A0 · blockdiag_j(M_j),        M_j = B_j · diag(σ_j) · R_j        (b × b)
 
 where the frozen ``B_j = V_j · diag(1 / s_j)`` replaces ``U_j = A0_j B_j``, so the large core ``L``
-is never materialised. The implementation note (DESIGN.md §2) derives this form. The explicit
+is never materialised. The implementation note (docs/design.md#the-implicit-form) derives this form. The explicit
 layout (`factorize_explicit`, `explicit_weight`) stores ``L_k = A0_k B_k`` over an m × n grid of W,
 built by the same `factorize`, for what this form cannot express.
 """

@@ -7,6 +7,10 @@
 
 Subcommand modules export ``add_arguments(parser)`` and ``run(args) -> int``. Each keeps its
 heavy imports (transformers, TRL, datasets) inside ``run``, so building the parser stays fast.
+
+Errors: a mistake in what the user gave (a `fura.errors.UserError`, a bad flag) is one line on
+stderr and exit status 2; anything else is a bug and keeps its traceback. ``--debug`` (or ``-v``)
+shows the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from typing import NoReturn
 
 from rich.console import Console
 from rich.logging import RichHandler
+
+from fura.errors import UserError
 
 console = Console(stderr=True)
 
@@ -33,9 +41,24 @@ EVALS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_debug_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug logging (and tracebacks of errors)"
+    )
+    parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback of every error")
+
+
 def _add_module_parser(subparsers, name: str, module: str, help_text: str) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(_module=module)
+    _add_debug_flags(parser, argparse.SUPPRESS)  # also accepted after the subcommand
     try:
         importlib.import_module(module).add_arguments(parser)
     except ModuleNotFoundError as err:
@@ -45,8 +68,11 @@ def _add_module_parser(subparsers, name: str, module: str, help_text: str) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fura", description="FuRA: full-rank PEFT with spectral preconditioning")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from fura import __version__
+
+    parser = _Parser(prog="fura", description="FuRA: full-rank PEFT with spectral preconditioning")
+    parser.add_argument("--version", action="version", version=f"fura {__version__}")
+    _add_debug_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         _add_module_parser(sub, name, module, help_text)
@@ -67,9 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
     )
     if getattr(args, "_missing", False):
-        console.print(f"[red]{args._module} is not available in this installation[/red]")
-        return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+        return _user_error(f"{args._module} is not available in this installation")
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as err:
+        if args.debug or args.verbose:
+            traceback.print_exc()
+        return _user_error(str(err))
+
+
+def _user_error(message: str) -> int:
+    """Print a user error as one line on stderr (newlines in the message folded) and return exit status 2."""
+    line = " ".join(message.split())
+    sys.stderr.write(f"fura: error: {line}\n")
+    sys.stderr.flush()
+    return 2
 
 
 if __name__ == "__main__":

@@ -8,13 +8,18 @@ quantized weights), else dense. The tokenizer comes from the adapter directory w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+
+from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,69 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     try:
         return _DTYPES[str(name).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; valid names are: {', '.join(_DTYPES)}") from None
+        raise UserError(f"unknown dtype {name!r}; valid names are: {', '.join(_DTYPES)}") from None
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, or no connection), or None when it can."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ).upper() in ("1", "ON", "YES", "TRUE"):
+        return "the hub is offline (HF_HUB_OFFLINE=1)"
+    return _hub_unreachable()
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_unreachable() -> str | None:
+    """One quick TCP connection to the hub endpoint (3 s), instead of the libraries' retries with backoff."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        return f"the hub ({constants.ENDPOINT}) is unreachable"
+    return None
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether ``text`` can only be a filesystem path (a hub id is ``name`` or ``org/name``)."""
+    return text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1
+
+
+def check_model_source(name: str | os.PathLike, key: str = "model", need: str | None = "config.json") -> str:
+    """``name`` if it can be loaded: an existing local directory (holding ``need``) or a hub id that is reachable.
+
+    Fails fast with a `UserError` naming ``key`` instead of the loaders' own errors: a local path that does
+    not exist, a directory that is not a saved model, a malformed hub id, or a hub id while the hub is
+    offline or unreachable and the model is not in the local cache.
+    """
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if need and path.is_dir() and not (path / need).is_file() and not is_adapter_dir(path):
+            raise UserError(f"{key} {text}: the directory holds no {need}, so it is not a saved model")
+        return str(path)
+    if _looks_like_path(text):
+        raise UserError(f"{key} {text}: the path does not exist")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise UserError(f"{key} {text!r}: no such local path, and not a hub id (name or org/name)") from None
+    if isinstance(try_to_load_from_cache(text, need or "config.json"), str):
+        return text  # in the local cache: the loaders find it offline too
+    reason = hub_unavailable()
+    if reason:
+        raise UserError(
+            f"{key} {text!r}: no such local path, and it is a hub id but {reason} and the model is not in the "
+            f"local cache; pass a local directory instead (e.g. --{key.replace('_', '-')} /path/to/model)"
+        )
+    return text
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -55,9 +122,12 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
     """The base model an adapter was trained on, from its ``adapter_config.json``."""
     config_path = Path(adapter_dir) / "adapter_config.json"
-    base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"{config_path}: not a valid JSON object ({err})") from err
     if not base:
-        raise ValueError(f"{config_path} names no base model; pass the base model explicitly (--base-model)")
+        raise UserError(f"{config_path} names no base model; pass the base model explicitly (--base-model)")
     return base
 
 
@@ -71,7 +141,7 @@ def trained_base(adapter_dir: str | os.PathLike) -> tuple[bool, torch.dtype]:
     run = json.loads(run_json.read_text()) if run_json.is_file() else {}
     compute = torch_dtype(run.get("base_compute_dtype") or DEFAULT_COMPUTE_DTYPE)
     if not isinstance(compute, torch.dtype):
-        raise ValueError(f"{run_json}: base_compute_dtype must name a dtype, got {compute!r}")
+        raise UserError(f"{run_json}: base_compute_dtype must name a dtype, got {compute!r}")
     return bool(run.get("base_4bit", False)), compute
 
 
@@ -93,7 +163,7 @@ def load_for_inference(
 
     from fura import methods
 
-    path = os.fspath(model_or_adapter)
+    path = check_model_source(model_or_adapter)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     load_dtype = torch_dtype(dtype)
     if not is_adapter_dir(path):
@@ -102,7 +172,7 @@ def load_for_inference(
 
     from peft import PeftModel
 
-    base = base_model or adapter_base_model(path)
+    base = check_model_source(base_model or adapter_base_model(path), "base_model")
     trained_4bit, compute_dtype = trained_base(path)
     if trained_4bit if base_4bit is None else base_4bit:
         logger.info("loading %s in NF4 (%s compute), as the adapter was trained", base, compute_dtype)

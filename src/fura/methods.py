@@ -1,6 +1,6 @@
 """One switch for every method the paper compares: ``build(model, method, **overrides)``.
 
-Each method is a `MethodSpec` in `METHODS` holding the paper's defaults (DESIGN.md §4). The
+Each method is a `MethodSpec` in `METHODS` holding the paper's defaults (docs/design.md#the-papers-recipes). The
 adapter methods return a `peft.PeftModel`, and ``"full"`` returns the model itself with every
 parameter trainable. All of them then go through the same calls:
 

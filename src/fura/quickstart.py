@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fura.errors import UserError
 from fura.evaluation.commonsense import ANSWER_PATTERNS
 
 logger = logging.getLogger(__name__)
@@ -474,7 +475,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in settings.methods]
     if unknown:
-        raise SystemExit(f"unknown quickstart method(s) {unknown}; choose from {list(settings.methods)}")
+        raise UserError(f"unknown quickstart method(s) {unknown}; choose from {list(settings.methods)}")
     if args.fresh:
         shutil.rmtree(cache_dir() / "quickstart" / f"base-{settings.model_key()}", ignore_errors=True)
     output_dir = Path(args.output_dir)

@@ -173,13 +173,14 @@ def human_bytes(n: float) -> str:
 
 
 def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
-    """The checkpoint `--resume` continues from: the last in ``output_dir``, or None (logged) if there is none."""
+    """The checkpoint `--resume` continues from: the last complete one in ``output_dir`` (partial ones, left by a
+    kill during a save, are skipped with a warning), or None (logged) if there is none."""
     if not resume:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
+    from fura.recipes.guard import last_complete_checkpoint
 
     output_dir = Path(output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
     else:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fura.data import load_hub_dataset, read_text_file
 from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def validate_record(record: Any, index: int, source: str, require_answer: bool =
 
 
 def _read_local(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, DataFormatError)
     if path.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -94,9 +95,7 @@ def load_records(source: str | Path, split: str = "train", require_answer: bool 
     elif path.suffix in (".json", ".jsonl") or path.exists():
         raise DataFormatError(f"{path}: data file not found (or not a file)")
     else:
-        import datasets
-
-        rows = datasets.load_dataset(str(source), split=split)
+        rows = load_hub_dataset(source, split, "data", DataFormatError)
     return [validate_record(row, i, str(source), require_answer) for i, row in enumerate(rows)]
 
 
@@ -128,13 +127,16 @@ def build_datasets(
 ):
     """Tokenized (train, validation) ``datasets.Dataset`` pair; validation is None when ``val_size`` is 0.
 
-    Records whose response is cut away entirely by ``max_length`` carry no loss and are dropped (logged).
+    Records whose response is cut away entirely by ``max_length`` carry no loss and are dropped (logged);
+    if that leaves nothing to train on, or ``val_size`` leaves no training records, a `DataFormatError`
+    names the key (``data_args.*``) and the file.
     """
     import datasets
 
     records = load_records(source, split=split)
     if not records:
         raise DataFormatError(f"{source}: no records")
+    _check_val_size(val_size, len(records), source)
     dataset = datasets.Dataset.from_list(records)
     if val_size:
         parts = dataset.train_test_split(test_size=val_size, seed=seed, shuffle=True)
@@ -142,7 +144,7 @@ def build_datasets(
     else:
         train, val = dataset, None
 
-    def encode(ds):
+    def encode(ds, name):
         if ds is None:
             return None
         tokenized = ds.map(
@@ -158,6 +160,26 @@ def build_datasets(
                 len(tokenized),
                 max_length,
             )
+        if not len(kept):
+            raise DataFormatError(
+                f"{source}: every {name} record is longer than data_args.max_length={max_length} tokens up to its "
+                "response, so none has a token to learn from; raise data_args.max_length"
+            )
         return kept
 
-    return encode(train), encode(val)
+    return encode(train, "training"), encode(val, "validation")
+
+
+def _check_val_size(val_size: Any, count: int, source: str | Path) -> None:
+    """``data_args.val_size`` must leave at least one training record of the ``count`` in ``source``."""
+    where = f"data_args.val_size={val_size!r}"
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
+        raise DataFormatError(f"{where}: expected a record count (int >= 0) or a fraction in (0, 1)")
+    if isinstance(val_size, float) and not val_size < 1:
+        raise DataFormatError(f"{where}: a float is a fraction of the records and must be below 1")
+    size = val_size if isinstance(val_size, int) else int(-(-val_size * count // 1))
+    if val_size and size >= count:
+        raise DataFormatError(
+            f"{where} asks for {size} validation records but {source} has only {count}; "
+            "lower data_args.val_size (0: no validation split)"
+        )

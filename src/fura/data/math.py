@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fura.data import load_hub_dataset, read_text_file
 from fura.errors import UserError
 from fura.rewards import last_boxed
 
@@ -113,11 +114,13 @@ def load_records(source: str | Path, split: str = "train") -> list[dict[str, Any
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise MathDataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        if builder != "parquet":
+            read_text_file(path, MathDataError)
         dataset = load_dataset(builder, data_files=str(path), split="train")
     elif path.suffix.lower() in FILE_BUILDERS:
         raise MathDataError(f"{path}: no such file")
     else:
-        dataset = load_dataset(str(source), split=split)
+        dataset = load_hub_dataset(source, split, "data", MathDataError)
     return list(dataset)
 
 

@@ -1,8 +1,14 @@
-"""`fura eval commonsense`: the LLM-Adapters protocol for the paper's 8 commonsense tasks.
+"""`fura eval commonsense`: the LLM-Adapters protocol for the paper's 8 commonsense tasks, or any others.
 
-Each task is ``<dataset-dir>/<task>/test.json`` in the record format of :mod:`fura.data.commonsense`.
-The model generates after the training prompt (left padding, beam 4 by default); the prediction is the
-first match of the task's answer pattern in the lower-cased response, compared with the record's ``answer``.
+Each task is ``<dataset-dir>/<task>/test.json`` in the record format of :mod:`fura.data.commonsense`;
+without ``--tasks`` every such directory is evaluated. The model generates after the training prompt
+(left padding, beam 4 by default); the prediction is the first match of the task's answer pattern in
+the lower-cased response, compared with the record's ``answer``.
+
+A task's answer pattern is, in order: ``--answer-pattern TASK=REGEX``; the paper's pattern for the
+paper's task names (`ANSWER_PATTERNS`); the paper's pattern whose alternatives cover every answer in
+the file (answers true/false → BoolQ's, option1/option2 → WinoGrande's); else the alternation of the
+file's distinct answers, longest first (`infer_answer_pattern`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,8 @@ ANSWER_PATTERNS: dict[str, str] = {
     "winogrande": r"option1|option2",
 }
 TASKS = tuple(ANSWER_PATTERNS)
+#: Above this many distinct answers a task gets no inferred pattern (the answers look free-form).
+MAX_INFERRED_ANSWERS = 50
 
 
 @dataclass
@@ -79,11 +89,76 @@ def load_task(dataset_dir: str | Path, task: str, limit: int | None = None) -> l
 
     path = Path(dataset_dir) / task / "test.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: test file of task {task!r} not found (expected <dataset-dir>/<task>/test.json)"
+        found = discover_tasks(dataset_dir) if Path(dataset_dir).is_dir() else []
+        raise UserError(
+            f"{path}: test file of task {task!r} not found (expected <dataset-dir>/<task>/test.json; "
+            f"tasks found in {dataset_dir}: {', '.join(found) or 'none'})"
         )
     records = load_records(path, require_answer=True)
     return records[:limit] if limit else records
+
+
+def discover_tasks(dataset_dir: str | Path) -> list[str]:
+    """The tasks of a dataset directory: every ``<task>`` with a ``<task>/test.json``, paper tasks first."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise UserError(f"--dataset-dir {root}: no such directory (it should hold <task>/test.json files)")
+    found = sorted(p.parent.name for p in root.glob("*/test.json") if p.is_file())
+    return [t for t in TASKS if t in found] + [t for t in found if t not in ANSWER_PATTERNS]
+
+
+def infer_answer_pattern(answers: list[str]) -> str:
+    """A pattern for a task from its answers: the paper's pattern covering them all, else their alternation.
+
+    The paper's patterns are tried narrowest first, so true/false gives BoolQ's and option1/option2
+    WinoGrande's. Otherwise the distinct lower-cased answers, longest first (``a|ab`` would never match
+    ``ab``), regex-escaped.
+    """
+    distinct = sorted({a.strip().lower() for a in answers if a.strip()})
+    if not distinct:
+        raise UserError("no answers to infer a pattern from")
+    for pattern in sorted(set(ANSWER_PATTERNS.values()), key=lambda p: p.count("|")):
+        if all(re.fullmatch(pattern, a) for a in distinct):
+            return pattern
+    if len(distinct) > MAX_INFERRED_ANSWERS:
+        raise UserError(
+            f"{len(distinct)} distinct answers look free-form; give the pattern with --answer-pattern TASK=REGEX"
+        )
+    return "|".join(re.escape(a) for a in sorted(distinct, key=lambda a: (-len(a), a)))
+
+
+def answer_patterns(
+    data: Mapping[str, list[dict[str, str]]], given: Mapping[str, str] | None = None, dataset_dir: str | Path = ""
+) -> dict[str, str]:
+    """The answer pattern of each task of ``data``: ``given`` first, then the paper's, then inferred (logged)."""
+    patterns: dict[str, str] = {}
+    for task, records in data.items():
+        if given and task in given:
+            patterns[task] = given[task]
+        elif task in ANSWER_PATTERNS:
+            patterns[task] = ANSWER_PATTERNS[task]
+        else:
+            try:
+                patterns[task] = infer_answer_pattern([r["answer"] for r in records])
+            except UserError as err:
+                raise UserError(f"{Path(dataset_dir) / task / 'test.json'}: task {task!r}: {err}") from None
+            logger.info("%s: answer pattern %s (inferred from its answers)", task, patterns[task])
+    return patterns
+
+
+def parse_answer_patterns(items: list[str]) -> dict[str, str]:
+    """``TASK=REGEX`` strings (``--answer-pattern``) as a dict; each regex must compile."""
+    patterns: dict[str, str] = {}
+    for item in items:
+        task, sep, pattern = item.partition("=")
+        if not sep or not task.strip() or not pattern:
+            raise UserError(f"--answer-pattern expects TASK=REGEX, got {item!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise UserError(f"--answer-pattern {item!r}: not a valid regular expression ({err})") from None
+        patterns[task.strip()] = pattern
+    return patterns
 
 
 def generate_responses(
@@ -201,7 +276,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset-dir", default="dataset", help="directory holding <task>/test.json (default: dataset)"
     )
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks (default: all {len(TASKS)})")
+    parser.add_argument(
+        "--tasks", help="comma-separated tasks (default: every <task>/test.json found in the dataset directory)"
+    )
+    parser.add_argument(
+        "--answer-pattern",
+        action="append",
+        default=[],
+        metavar="TASK=REGEX",
+        help="the answer pattern of a task (repeatable); default: the paper's, or inferred from the task's answers",
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N records of each task (quick runs)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
@@ -221,11 +305,18 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in ANSWER_PATTERNS]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    given = parse_answer_patterns(args.answer_pattern)
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    else:
+        tasks = discover_tasks(args.dataset_dir)
+        if not tasks:
+            raise UserError(f"--dataset-dir {args.dataset_dir}: no <task>/test.json files found")
+    stray = sorted(set(given) - set(tasks))
+    if stray:
+        raise UserError(f"--answer-pattern given for {stray}, which are not among the tasks evaluated {tasks}")
     data = {task: load_task(args.dataset_dir, task, args.limit) for task in tasks}
+    patterns = answer_patterns(data, given, args.dataset_dir)
     settings = GenerationSettings(
         num_beams=args.num_beams,
         temperature=args.temperature,
@@ -237,16 +328,22 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.backend == "vllm":
         if (Path(args.model) / "adapter_config.json").is_file():
-            raise SystemExit("the vLLM backend needs a merged model: run `fura export` on the adapter first")
+            raise UserError("the vLLM backend needs a merged model: run `fura export` on the adapter first")
         generate = vllm_generator(args.model, settings)
-        results = evaluate_tasks(None, None, data, ANSWER_PATTERNS, settings, generate=generate)
+        results = evaluate_tasks(None, None, data, patterns, settings, generate=generate)
     else:
         from fura.loading import load_for_inference
 
         model, tokenizer = load_for_inference(args.model, args.base_model, args.dtype)
-        results = evaluate_tasks(model, tokenizer, data, ANSWER_PATTERNS, settings, args.batch_size)
+        results = evaluate_tasks(model, tokenizer, data, patterns, settings, args.batch_size)
     summary = summarize(results)
-    summary.update(model=args.model, generation=asdict(settings), seconds=time.perf_counter() - start, limit=args.limit)
+    summary.update(
+        model=args.model,
+        generation=asdict(settings),
+        seconds=time.perf_counter() - start,
+        limit=args.limit,
+        answer_patterns=patterns,
+    )
     summary["predictions"] = {t: r.predictions for t, r in results.items()}
     output = Path(args.output) if args.output else (Path(args.model) if Path(args.model).is_dir() else Path("."))
     if output.suffix != ".json":

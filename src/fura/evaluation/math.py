@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fura.data.math import BENCHMARKS, FILE_BUILDERS, BenchmarkSpec, MathProblem, format_prompt, load_benchmark
+from fura.errors import UserError
 from fura.rewards import is_correct, last_boxed
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def _sources(args: argparse.Namespace, names: list[str]) -> dict[str, str | None
     for item in args.data:
         name, sep, source = item.partition("=")
         if not sep or name not in sources:
-            raise SystemExit(f"--data expects NAME=SOURCE with NAME one of {names}, got {item!r}")
+            raise UserError(f"--data expects NAME=SOURCE with NAME one of {names}, got {item!r}")
         sources[name] = source
     return sources
 
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     benchmarks = {name: load_benchmark(name, source, args.limit) for name, source in _sources(args, names).items()}
     backend = _backend(args.backend)
     model, tokenizer = load_for_inference(

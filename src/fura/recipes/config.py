@@ -71,6 +71,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise RecipeError(f"recipe {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe {path} cannot be read as UTF-8 text: {err}") from err
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
@@ -90,5 +92,29 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
     for key in ("model", "method", "output_dir"):
         if not recipe.get(key):
             raise RecipeError(f"recipe {path}: missing required key {key!r}")
+    from fura.methods import METHODS
+
+    if str(recipe["method"]).lower() not in METHODS:
+        raise RecipeError(
+            f"recipe {path}: unknown method {recipe['method']!r} (key 'method' or --method); "
+            f"choose one of: {', '.join(METHODS)}"
+        )
     recipe["_source"] = str(path)
     return recipe
+
+
+def build_method(model: Any, recipe: dict[str, Any]) -> Any:
+    """``fura.methods.build`` for the recipe's method and ``method_args``; a config it refuses is a `RecipeError`."""
+    from fura import methods
+
+    method_args = recipe.get("method_args") or {}
+    if not isinstance(method_args, dict):
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: method_args must be a mapping, got {method_args!r}")
+    try:
+        return methods.build(model, recipe["method"], **method_args)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: method {recipe['method']!r} with method_args {method_args}: {err}"
+        ) from err

@@ -8,6 +8,7 @@ mapping). Extra keys of this track:
     data_split: train              split of a datasets id (ignored for local files)
     num_train_problems: 7500       the first N records of the data
     model_args: {...}              keyword arguments of from_pretrained (e.g. attn_implementation)
+    training_guard: {nonfinite: error}   or ``skip`` (see `fura.recipes.guard`)
 
 The reward is `fura.rewards.boxed_accuracy_reward` (math-verify on the last ``\\boxed{}``). With
 ``use_vllm`` the policy's weights reach vLLM through TRL's merge/unmerge sync, which is exact for
@@ -31,7 +32,9 @@ from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from fura import methods, quant, reporting
 from fura.data.math import MATH_TRAIN, MATH_TRAIN_SIZE, grpo_dataset, has_chat_template, load_problems
-from fura.recipes.config import RecipeError
+from fura.loading import check_model_source
+from fura.recipes import guard
+from fura.recipes.config import RecipeError, build_method
 from fura.rewards import boxed_accuracy_reward
 from fura.vllm_sync import DenseSyncVLLMGeneration, needs_dense_sync
 
@@ -79,15 +82,17 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
     Returns the trainer (after training, or untrained with ``dry_run``) so callers can inspect it.
     """
     args = grpo_config(recipe)
+    guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
+    model_source = check_model_source(recipe["model"])
     set_seed(args.seed)
     problems = load_problems(
         recipe.get("data") or MATH_TRAIN.source,
         recipe.get("data_split", MATH_TRAIN.split),
         recipe.get("num_train_problems", MATH_TRAIN_SIZE),
     )
-    tokenizer = AutoTokenizer.from_pretrained(recipe["model"], padding_side="left")
-    model = methods.load_model(recipe["model"], recipe["method"], **(recipe.get("model_args") or {}))
-    model = methods.build(model, recipe["method"], **(recipe.get("method_args") or {}))
+    tokenizer = AutoTokenizer.from_pretrained(model_source, padding_side="left")
+    model = methods.load_model(model_source, recipe["method"], **(recipe.get("model_args") or {}))
+    model = build_method(model, recipe)
     trainable, total = methods.trainable_parameters(model)
     logger.info(
         "%s: %s trainable of %s parameters (%.2f%%)",
@@ -103,6 +108,7 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
         train_dataset=grpo_dataset(problems, conversational=has_chat_template(tokenizer)),
         processing_class=tokenizer,
     )
+    nonfinite = guard.attach(trainer, recipe)
     if dry_run:
         logger.info("dry run: model, method, data (%d problems) and trainer are ready; not training", len(problems))
         return trainer
@@ -113,7 +119,7 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
         output_dir = Path(args.output_dir)
         methods.save(trainer.model, output_dir)
         tokenizer.save_pretrained(output_dir)
-        _report(output_dir, recipe, trainer, (trainable, total), seconds)
+        _report(output_dir, recipe, trainer, (trainable, total), seconds, nonfinite.skipped_steps)
     return trainer
 
 
@@ -123,7 +129,14 @@ def reward_series(log_history: list[dict[str, Any]]) -> tuple[list[int], list[fl
     return [int(entry["step"]) for entry in entries], [float(entry["reward"]) for entry in entries]
 
 
-def _report(output_dir: Path, recipe: dict[str, Any], trainer: Any, counts: tuple[int, int], seconds: float) -> None:
+def _report(
+    output_dir: Path,
+    recipe: dict[str, Any],
+    trainer: Any,
+    counts: tuple[int, int],
+    seconds: float,
+    skipped_steps: list[int],
+) -> None:
     """run.json (recipe, parameter counts, reward and loss per step), and the loss and reward curves as PNGs."""
     history = trainer.state.log_history
     steps, rewards = reward_series(history)
@@ -136,6 +149,7 @@ def _report(output_dir: Path, recipe: dict[str, Any], trainer: Any, counts: tupl
             "total_parameters": counts[1],
             "global_step": trainer.state.global_step,
             "train_seconds": round(seconds, 1),
+            "nonfinite_skipped_steps": skipped_steps,
             **quant.base_summary(trainer.model),
             "reward": {"steps": steps, "mean": rewards},
             "log_history": history,

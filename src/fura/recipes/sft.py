@@ -7,6 +7,7 @@ runs transformers' `Trainer`. Recipe keys of this track:
     data_args:  {max_length: 2048, val_size: 120, train_on_prompt: false, split: train}
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
     training:   TrainingArguments; ``report_to: auto`` means TensorBoard when it is installed
+    training_guard: {nonfinite: error}   or ``skip`` (see :mod:`fura.recipes.guard`)
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fura.recipes.config import RecipeError, build_method
+
 logger = logging.getLogger(__name__)
 
-# The paper's commonsense optimisation settings (DESIGN.md §4); a recipe's `training` overrides them.
+# The paper's commonsense settings (docs/design.md#the-papers-recipes); a recipe's `training` overrides them.
 PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "num_train_epochs": 3,
@@ -72,8 +75,8 @@ def training_arguments(recipe: dict[str, Any]):
     kwargs["output_dir"] = str(recipe["output_dir"])
     try:
         return TrainingArguments(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"recipe {recipe.get('_source', '')}: bad 'training' key: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: bad 'training' key: {err}") from err
 
 
 def build_model(recipe: dict[str, Any]):
@@ -81,17 +84,19 @@ def build_model(recipe: dict[str, Any]):
     from transformers import AutoTokenizer
 
     from fura import methods
-    from fura.loading import torch_dtype
+    from fura.loading import check_model_source, torch_dtype
 
     model_args = dict(recipe.get("model_args") or {})
     if "dtype" in model_args:
         model_args["dtype"] = torch_dtype(model_args["dtype"])
-    tokenizer = AutoTokenizer.from_pretrained(recipe.get("tokenizer") or recipe["model"])
+    model_source = check_model_source(recipe["model"])
+    tokenizer_source = check_model_source(recipe["tokenizer"], "tokenizer", None) if recipe.get("tokenizer") else None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or model_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    base = methods.load_model(recipe["model"], recipe["method"], **model_args)
-    model = methods.build(base, recipe["method"], **(recipe.get("method_args") or {}))
+    base = methods.load_model(model_source, recipe["method"], **model_args)
+    model = build_method(base, recipe)
     return tokenizer, model
 
 
@@ -100,8 +105,9 @@ def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[
     import dataclasses
 
     from fura.evaluation.commonsense import (
-        ANSWER_PATTERNS,
         GenerationSettings,
+        answer_patterns,
+        discover_tasks,
         evaluate_tasks,
         load_task,
         results_table,
@@ -115,16 +121,15 @@ def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[
         )
         return None
     known = {f.name for f in dataclasses.fields(GenerationSettings)}
-    unknown = set(eval_cfg) - known - {"dataset_dir", "tasks", "limit", "batch_size"}
+    unknown = set(eval_cfg) - known - {"dataset_dir", "tasks", "limit", "batch_size", "answer_patterns"}
     if unknown:
-        raise ValueError(f"unknown eval keys {sorted(unknown)}")
-    tasks = eval_cfg.get("tasks") or list(ANSWER_PATTERNS)
+        raise RecipeError(f"unknown eval keys {sorted(unknown)}")
+    tasks = eval_cfg.get("tasks") or discover_tasks(dataset_dir)
     data = {task: load_task(dataset_dir, task, eval_cfg.get("limit")) for task in tasks}
+    patterns = answer_patterns(data, eval_cfg.get("answer_patterns"), dataset_dir)
     settings = GenerationSettings(**{k: v for k, v in eval_cfg.items() if k in known})
     model.eval()
-    summary = summarize(
-        evaluate_tasks(model, tokenizer, data, ANSWER_PATTERNS, settings, eval_cfg.get("batch_size", 8))
-    )
+    summary = summarize(evaluate_tasks(model, tokenizer, data, patterns, settings, eval_cfg.get("batch_size", 8)))
     from rich.console import Console
 
     Console().print(results_table(summary))
@@ -143,6 +148,7 @@ def run(
 
     from fura import methods, quant
     from fura.data.commonsense import build_datasets
+    from fura.recipes import guard
     from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
 
     start = time.perf_counter()
@@ -151,7 +157,10 @@ def run(
     data_args = {**DATA_DEFAULTS, **(recipe.get("data_args") or {})}
     unknown = set(data_args) - set(DATA_DEFAULTS)
     if unknown:
-        raise ValueError(f"recipe {recipe.get('_source', '')}: unknown data_args {sorted(unknown)}")
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: unknown data_args {sorted(unknown)}")
+    guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
+    if not recipe.get("data"):
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: missing 'data' (a JSON/JSONL file or datasets id)")
     tokenizer, model = build_model(recipe)
     trainable, total = methods.trainable_parameters(model)
     logger.info(
@@ -173,12 +182,6 @@ def run(
         "trainable_percent": 100 * trainable / total,
         **quant.base_summary(model),
     }
-    if dry_run:
-        summary["dry_run"] = True
-        logger.info("dry run: model, method and training arguments are valid; nothing trained")
-        return summary
-    if not recipe.get("data"):
-        raise ValueError(f"recipe {recipe.get('_source', '')}: missing 'data' (a JSON/JSONL file or datasets id)")
     train_ds, val_ds = build_datasets(
         recipe["data"],
         tokenizer,
@@ -202,6 +205,16 @@ def run(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    nonfinite = guard.attach(trainer, recipe)
+    if dry_run:
+        summary["dry_run"] = True
+        logger.info(
+            "dry run: model, method, data (%d train, %d validation records), training arguments and trainer are "
+            "valid; nothing trained",
+            len(train_ds),
+            len(val_ds) if val_ds is not None else 0,
+        )
+        return summary
     checkpoint = resume_checkpoint(output_dir, resume)
     with PeakMemory() as memory:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -230,6 +243,7 @@ def run(
         summary.update(
             metrics=metrics,
             resumed_from=checkpoint,
+            nonfinite_skipped_steps=nonfinite.skipped_steps,
             global_steps=trainer.state.global_step,
             peak_memory_bytes=memory.peak_bytes,
             peak_memory_device=memory.device,
