@@ -53,9 +53,11 @@ CONV1D_MODEL_TYPES = ("gpt2",)
 #: Relative tolerance of the numerical rank, per dimension: σ_i counts when σ_i > σ_max · max(out, in) · this.
 #: It is float32's machine epsilon, the precision adapters and most checkpoints are stored in (NumPy's rule).
 RANK_EPS = torch.finfo(torch.float32).eps
+#: Measures that are fractions: their heatmaps use a fixed 0–1 colour scale, so that updates compare at a glance.
+FIXED_SCALE = ("out_of_subspace", "rank_ratio")
 #: Singular values kept per layer in the report (evenly spaced indices), enough for the drift curves.
 SPECTRUM_POINTS = 128
-#: Measures drawn as layers × modules heatmaps, with their titles.
+#: Measures drawn as layers × modules heatmaps (panels of heatmaps.png), with their titles.
 HEATMAP_MEASURES = {
     "out_of_subspace": "share of ‖ΔW‖² outside the pretrained block subspaces",
     "rank_ratio": "numerical rank of ΔW / min(out, in)",
@@ -506,9 +508,10 @@ def numerical_rank(singular_values: torch.Tensor, shape: Sequence[int], eps: flo
 
 
 def _sampled(values: torch.Tensor, points: int = SPECTRUM_POINTS) -> tuple[list[int], list[float]]:
-    """Evenly spaced indices of a spectrum (first and last included) and the values there."""
+    """At most ``points`` evenly spaced indices of a spectrum (first and last included) and the values there."""
     n = values.numel()
-    index = sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(min(points, n))})
+    points = min(points, n)
+    index = sorted({round(i * (n - 1) / max(points - 1, 1)) for i in range(points)})
     return index, [float(values[i]) for i in index]
 
 
@@ -841,24 +844,24 @@ def plot_report(report: InspectReport, output_dir: str | Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     modules = list(dict.fromkeys(r.module for r in report.layers))
     layers = sorted({r.layer for r in report.layers}, key=lambda x: -1 if x is None else x)
-    written = []
-    for measure_name, title in HEATMAP_MEASURES.items():
+    fig, axes = plt.subplots(2, 2, figsize=(2 * (2 + 0.55 * len(modules)), 2 * (2.2 + 0.22 * len(layers))))
+    for ax, (measure_name, title) in zip(axes.flat, HEATMAP_MEASURES.items()):
         grid = [[math.nan] * len(modules) for _ in layers]
         for r in report.layers:
             value = getattr(r, measure_name)
             grid[layers.index(r.layer)][modules.index(r.module)] = math.nan if value is None else value
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modules), 1.5 + 0.28 * len(layers)))
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_xticks(range(len(modules)), modules, rotation=40, ha="right", fontsize=8)
+        shares = {"vmin": 0.0, "vmax": 1.0} if measure_name in FIXED_SCALE else {}  # comparable across updates
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", **shares)
+        ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(layers)), ["—" if x is None else str(x) for x in layers], fontsize=7)
-        ax.set_ylabel("layer")
-        ax.set_title(f"{report.kind}: {title}", fontsize=9)
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        path = output_dir / f"heatmap_{measure_name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(image, ax=ax).ax.tick_params(labelsize=7)
+    fig.suptitle(f"{report.kind} update: layers × modules", fontsize=9)
+    fig.tight_layout()
+    written = [output_dir / "heatmaps.png"]
+    fig.savefig(written[0], dpi=100)
+    plt.close(fig)
     columns = min(len(modules), 4)
     rows = math.ceil(len(modules) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
@@ -879,7 +882,7 @@ def plot_report(report: InspectReport, output_dir: str | Path) -> list[Path]:
     fig.suptitle(f"{report.kind}: singular-value drift per layer (colour: depth)", fontsize=9)
     fig.tight_layout()
     path = output_dir / "sv_drift.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
     return written
