@@ -197,7 +197,7 @@ def test_summary_row_and_json(fura_report, tmp_path):
     assert set(row) == set(fura_inspect.SUMMARY_COLUMNS) and row["update rank"].startswith("100%")
     data = json.loads(report.save(tmp_path / "inspect.json").read_text())
     assert data["summary"]["layers"] == 14 and len(data["layers"]) == 14
-    assert data["by_module"]["self_attn.o_proj"]["blocks"] == "1×4 of 64×16, columns"  # the paper's head split
+    assert data["by_module"]["self_attn.o_proj"]["blocks"] == "4 of 64×16 col"  # the paper's head split
 
 
 def _cli(argv, capsys) -> tuple[int, str]:

@@ -230,7 +230,12 @@ class BlockGrid:
 
     def describe(self, out_features: int, in_features: int) -> str:
         a, b = out_features // self.m_blocks, in_features // self.n_blocks
-        return f"{self.m_blocks}×{self.n_blocks} of {a}×{b}, {self.side}s"
+        grid = (
+            f"{self.m_blocks}×{self.n_blocks}"
+            if self.m_blocks > 1 and self.n_blocks > 1
+            else str(self.m_blocks * self.n_blocks)
+        )
+        return f"{grid} of {a}×{b} {'col' if self.side == 'column' else 'row'}"
 
 
 def grid_of(spec: Any) -> BlockGrid:
@@ -621,7 +626,7 @@ class InspectReport:
             shares = [r.out_of_subspace for r in records if r.out_of_subspace is not None]
             result[module] = {
                 "layers": len(records),
-                "rank": statistics.median(r.rank for r in records),
+                "rank_min": min(r.rank for r in records),
                 "max_rank": records[0].max_rank,
                 "rank_ratio": statistics.fmean(r.rank_ratio for r in records),
                 "out_of_subspace": statistics.fmean(shares) if shares else None,
@@ -790,22 +795,23 @@ def summary_table(reports: Mapping[str, InspectReport], title: str = "What each 
 
 
 def module_table(report: InspectReport):
-    """A rich table of the means per module type."""
+    """A rich table of the means over layers per module type (the smallest rank, not a mean)."""
     from rich.table import Table
 
-    table = Table(title=f"{report.kind} update in {report.path} (means over layers per module)")
-    for column in ("module", "layers", "blocks", "rank of ΔW", "out-of-subspace", "S drift", "‖ΔW‖/‖W0‖"):
+    table = Table(title=f"{report.kind} update: means over layers per module")
+    for column in ("module", "n", "blocks", "rank ΔW", "outside", "S drift", "‖ΔW‖/‖W0‖"):
         table.add_column(column, justify="left" if column in ("module", "blocks") else "right")
     for module, row in report.by_module().items():
         table.add_row(
             module,
             str(row["layers"]),
             str(row["blocks"]),
-            f"{row['rank']:g}/{row['max_rank']}",
-            f"{_fmt(row['out_of_subspace'], '.2e')} (max {_fmt(row['out_of_subspace_max'], '.2e')})",
-            f"{row['sv_drift']:.2e}",
-            f"{row['update_norm']:.2e}",
+            f"{row['rank_min']}/{row['max_rank']}",
+            _fmt(row["out_of_subspace"], ".1e"),
+            f"{row['sv_drift']:.1e}",
+            f"{row['update_norm']:.1e}",
         )
+    table.caption = "n: layers; rank ΔW: smallest over layers; outside: share of ‖ΔW‖² outside the block subspaces"
     return table
 
 
@@ -813,8 +819,8 @@ def layer_table(report: InspectReport):
     """A rich table with one row per layer."""
     from rich.table import Table
 
-    table = Table(title=f"{report.kind} update in {report.path} (per layer)")
-    for column in ("layer", "module", "shape", "rank of ΔW", "out-of-subspace", "S drift", "‖ΔW‖/‖W0‖"):
+    table = Table(title=f"{report.kind} update: per layer")
+    for column in ("layer", "module", "shape", "rank ΔW", "outside", "S drift", "‖ΔW‖/‖W0‖"):
         table.add_column(column, justify="left" if column in ("module", "shape") else "right")
     for r in report.layers:
         table.add_row(
@@ -822,10 +828,11 @@ def layer_table(report: InspectReport):
             r.module,
             f"{r.out_features}×{r.in_features}",
             f"{r.rank}/{r.max_rank}",
-            _fmt(r.out_of_subspace, ".2e"),
-            f"{r.sv_drift:.2e}",
-            f"{r.update_norm:.2e}",
+            _fmt(r.out_of_subspace, ".1e"),
+            f"{r.sv_drift:.1e}",
+            f"{r.update_norm:.1e}",
         )
+    table.caption = "outside: share of ‖ΔW‖² outside the pretrained block subspaces"
     return table
 
 
