@@ -376,7 +376,9 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
                     weight = blocks.merge_into(w0, transform)
                 else:
                     weight = blocks.merge_into(w0.T, transform).T
-            yield LayerUpdate(module, w0, weight - w0, grid_of(spec))
+            delta = weight - w0
+            del weight  # only W0 and ΔW stay in memory while the layer is measured
+            yield LayerUpdate(module, w0, delta, grid_of(spec))
 
     return modules, updates()
 
@@ -465,7 +467,9 @@ def _full_updates(
             weight = (weight.T if reader.conv1d else weight).to(device=reader.device, dtype=reader.dtype)
             if weight.shape != w0.shape:
                 raise reader.mismatch(module, f"shape {tuple(weight.shape)} against the base's {tuple(w0.shape)}")
-            yield LayerUpdate(module, w0, weight - w0, _grid_for(block_config, module, *w0.shape, reader))
+            delta = weight - w0
+            del weight
+            yield LayerUpdate(module, w0, delta, _grid_for(block_config, module, *w0.shape, reader))
 
     return modules, updates()
 
