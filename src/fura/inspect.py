@@ -540,6 +540,7 @@ class LayerRecord:
     rank: int
     max_rank: int
     rank_ratio: float
+    rank_float64: int  # the same rule at float64's epsilon: the rank in exact arithmetic of the stored tensors
     stable_rank: float
     out_of_subspace: float | None
     sv_drift: float
@@ -580,6 +581,7 @@ def measure(update: LayerUpdate, rank_eps: float = RANK_EPS) -> LayerRecord:
         rank=rank,
         max_rank=min(out_features, in_features),
         rank_ratio=rank / min(out_features, in_features),
+        rank_float64=numerical_rank(sv_delta, base.shape, torch.finfo(torch.float64).eps),
         stable_rank=delta_norm2 / float(sv_delta[0]) ** 2 if rank else 0.0,
         out_of_subspace=outside / total if total > 0 else None,
         sv_drift=float((sv_tuned - sv_base).norm() / sv_base.norm().clamp_min(1e-30)),
@@ -614,6 +616,7 @@ class InspectReport:
             "rank_ratio_median": statistics.median(ratios) if ratios else None,
             "rank_ratio_min": min(ratios) if ratios else None,
             "rank_max": max((r.rank for r in self.layers), default=None),
+            "rank_float64_ratio_min": min((r.rank_float64 / r.max_rank for r in self.layers), default=None),
             "out_of_subspace_max": max(shares) if shares else None,
             "out_of_subspace_mean": statistics.fmean(shares) if shares else None,
             "sv_drift_mean": statistics.fmean(r.sv_drift for r in self.layers) if self.layers else None,
