@@ -720,7 +720,7 @@ def inspect_update(
         "inspecting %d layers of a %s update in %s against %s", len(modules), source.kind, source.path, source.base
     )
     records = []
-    with torch.no_grad(), _progress(progress, len(modules), f"inspect {source.kind}") as advance:
+    with torch.no_grad(), _Progress(progress, len(modules), f"inspect {source.kind}") as advance:
         for update in updates:
             records.append(measure(update, rank_eps))
             del update
@@ -737,7 +737,7 @@ def inspect_update(
     )
 
 
-class _progress:
+class _Progress:
     """A rich progress bar over layers on stderr (transient), or nothing."""
 
     def __init__(self, enabled: bool, total: int, description: str) -> None:
