@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("fura.quickstart", "run the end-to-end demo on an embedded default (no downloads)"),
     "train": ("fura.recipes.train", "train with a recipe config (YAML) and command-line overrides"),
     "export": ("fura.export", "merge an adapter into its base model and save a dense model"),
+    "inspect": ("fura.inspect", "see what an adapter or fine-tune did to each layer's spectrum"),
 }
 EVALS: dict[str, tuple[str, str]] = {
     "commonsense": ("fura.evaluation.commonsense", "the 8-task commonsense protocol"),
