@@ -410,6 +410,19 @@ def test_sqa_image_test_problems_lettered_and_unparseable_wrong(data_dir):
     assert summary["score"] == 0.5 and summary["unparseable"] == 1
 
 
+def test_sqa_takes_llavas_prompt_file_when_present(tmp_path):
+    write_sqa(tmp_path)
+    record = {
+        "id": "7",
+        "image": "7/image.png",
+        "conversations": [{"from": "human", "value": "<image>\nMammal?\nA. frog\nB. bat"}],
+    }
+    (tmp_path / "scienceqa" / "llava_test_CQM-A.json").write_text(json.dumps([record]))
+    samples = vlm.load_sqa(tmp_path / "scienceqa")
+    assert samples[1].question == "Mammal?\nA. frog\nB. bat\n" + vlm.LETTER_ANSWER
+    assert samples[0].question.startswith("Context: Look.")  # not in the file: built from problems.json
+
+
 # ----------------------------------------------------------------------------------------- TextVQA / VQA accuracy
 @pytest.mark.parametrize(
     ("raw", "normalised"),

@@ -181,22 +181,21 @@ NUMBER_WORDS = dict(
 ARTICLES = frozenset(("a", "an", "the"))
 _PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
 _PERIOD = re.compile(r"\.(?!\d)")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 
 
 def normalize_vqa_answer(answer: str) -> str:
     """The EvalAI answer normalisation of VQAv2/VizWiz/TextVQA: case, punctuation, number words, articles, contractions.
 
     Lower-case; drop ``,`` ``?`` and split ``'s``; each other punctuation mark is removed where it touches a
-    space (or a digit comma is present) and becomes a space elsewhere; periods not followed by a digit go;
-    number words up to ten become digits, articles are dropped, apostrophe-less contractions are restored.
+    space somewhere in the answer and becomes a space otherwise; periods not followed by a digit go; number
+    words up to ten become digits, articles are dropped, apostrophe-less contractions are restored. (EvalAI
+    also removes marks when a digit-comma-digit is present, which cannot happen once commas are dropped.)
     """
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    original, digit_comma = text, _DIGIT_COMMA_DIGIT.search(text) is not None
+    text = original = text.replace("\n", " ").replace("\t", " ").strip()
     for mark in _PUNCTUATION:
         touches_space = f"{mark} " in original or f" {mark}" in original
-        text = text.replace(mark, "" if touches_space or digit_comma else " ")
+        text = text.replace(mark, "" if touches_space else " ")
     text = _PERIOD.sub("", text)
     words = [NUMBER_WORDS.get(word, word) for word in text.split()]
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
@@ -294,9 +293,16 @@ def load_pope(root: Path, limit: int | None = None) -> list[Sample]:
 def load_sqa(root: Path, limit: int | None = None) -> list[Sample]:
     """ScienceQA-IMG test: ``problems.json`` + ``pid_splits.json``, image problems only, ``images/test/<pid>/<image>``.
 
-    The question is ``Context: <hint>`` (when there is one), the question, and the lettered choices.
+    The question is ``Context: <hint>`` (when there is one), the question, and the lettered choices; when
+    LLaVA's ``llava_test_CQM-A.json`` is there, its text for the problem is used instead.
     """
     problems = _read_json(root / "problems.json", "ScienceQA problems")
+    llava_file = root / "llava_test_CQM-A.json"
+    llava_text = {}
+    if llava_file.is_file():
+        for record in _read_json(llava_file, "LLaVA's ScienceQA prompts"):
+            turns = _field(record, "conversations", f"{llava_file} record {record.get('id')}")
+            llava_text[str(record.get("id"))] = turns[0]["value"].replace("<image>", "").strip()
     splits = _read_json(root / "pid_splits.json", "ScienceQA splits")
     if "test" not in splits:
         raise VLMDataError(f"{root / 'pid_splits.json'}: no 'test' split (has {sorted(splits)})")
@@ -312,7 +318,7 @@ def load_sqa(root: Path, limit: int | None = None) -> list[Sample]:
             raise VLMDataError(f"{where}: answer {answer} is not an index into its {len(choices)} choices")
         parts = [f"Context: {problem['hint']}"] if problem.get("hint") else []
         parts += [_field(problem, "question", where), lettered(choices)]
-        question = with_suffix("\n".join(parts), LETTER_ANSWER)
+        question = with_suffix(llava_text.get(str(pid), "\n".join(parts)), LETTER_ANSWER)
         image = root / "images" / "test" / str(pid) / problem["image"]
         samples.append(Sample(str(pid), question, image, {"answer": LETTERS[answer], "num_options": len(choices)}))
         if limit and len(samples) >= limit:
@@ -530,6 +536,8 @@ def score_submission(
 
 @dataclass(frozen=True)
 class Benchmark:
+    """How to read a benchmark's files into samples, and how to score the responses to them."""
+
     load: Callable[[Path, int | None], list[Sample]]
     score: Callable[[Sequence[Sample], Sequence[str]], tuple[dict[str, Any], list[dict[str, Any]]]]
 
@@ -698,24 +706,35 @@ def load_model(model: str, base_model: str | None, dtype: str) -> tuple[Any, Any
     return loaded, processor
 
 
+def write_submission(name: str, predictions: Sequence[Mapping[str, Any]], data: Path, output: Path) -> Path:
+    """``<output>/submissions/<name>.json`` in the server's format (VQAv2: unanswered test2015 ids added)."""
+    rows = [{key: row[key] for key in SUBMISSION_KEYS[name]} for row in predictions]
+    if name == "vqav2":
+        rows = fill_unanswered(rows, data / "llava_vqav2_mscoco_test2015.jsonl")
+    path = output / "submissions" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     names = parse_names(args.benchmarks)
     dirs = {name: Path(args.data_dir) / DEFAULT_DIRS[name] for name in names}
     dirs.update({name: Path(path) for name, path in parse_pairs(args.data, "--data", names).items()})
-    server = {
-        name: float(value) / 100
-        for name, value in parse_pairs(args.server_scores, "--server-scores", SERVER_SCORED).items()
-    }
-    samples = {
-        name: SPECS[name].load(dirs[name], args.limit) for name in names
-    }  # every data error before loading the model
-    output = (
-        Path(args.output_dir)
-        if args.output_dir
-        else (Path(args.model) / "eval_vlm" if Path(args.model).is_dir() else Path("eval_vlm"))
-    )
+    server: dict[str, float] = {}
+    for name, value in parse_pairs(args.server_scores, "--server-scores", SERVER_SCORED).items():
+        try:
+            server[name] = float(value) / 100
+        except ValueError:
+            raise UserError(f"--server-scores {name}={value}: the score must be a percentage, e.g. 78.5") from None
+    # every data file is read (and every format error raised) before the model is loaded
+    samples = {name: SPECS[name].load(dirs[name], args.limit) for name in names}
+    if args.output_dir:
+        output = Path(args.output_dir)
+    else:
+        output = Path(args.model) / "eval_vlm" if Path(args.model).is_dir() else Path("eval_vlm")
     output.mkdir(parents=True, exist_ok=True)
 
     model, processor = load_model(args.model, args.base_model, args.dtype)
@@ -727,25 +746,15 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         start = time.perf_counter()
         result = evaluate_benchmark(name, samples[name], generate)
-        result.update(
-            benchmark=name,
-            model=args.model,
-            data=str(dirs[name]),
-            limit=args.limit,
-            seconds=time.perf_counter() - start,
-        )
+        seconds = time.perf_counter() - start
+        result.update(benchmark=name, model=args.model, data=str(dirs[name]), limit=args.limit, seconds=seconds)
         (output / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
         if name in SERVER_SCORED:
-            rows = [{key: row[key] for key in SUBMISSION_KEYS[name]} for row in result["predictions"]]
-            if name == "vqav2":
-                rows = fill_unanswered(rows, dirs[name] / "llava_vqav2_mscoco_test2015.jsonl")
-            submission = output / "submissions" / f"{name}.json"
-            submission.parent.mkdir(exist_ok=True)
-            submission.write_text(json.dumps(rows))
-            logger.info("%s: submission file for the evaluation server: %s", name, submission)
+            path = write_submission(name, result["predictions"], dirs[name], output)
+            logger.info("%s: submission file for the evaluation server: %s", name, path)
         scores[name] = server.get(name, result["score"])
-    summary = {"model": args.model, "scores": scores, "server_scores": server, "output_dir": str(output)}
     known = [s for s in scores.values() if s is not None]
+    summary = {"model": args.model, "scores": scores, "server_scores": server, "output_dir": str(output)}
     summary["average"] = sum(known) / len(known) if known else None
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     Console().print(results_table(scores, f"LLaVA-1.5 benchmarks (%) — {args.model}"))
