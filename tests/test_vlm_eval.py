@@ -624,18 +624,35 @@ def test_cli_end_to_end_on_a_tiny_llava(yes_llava, data_dir, tmp_path):
     assert summary["average"] == pytest.approx(expected)
 
 
-def test_cli_on_an_adapter_directory_with_limit(yes_llava, data_dir, tmp_path):
-    from transformers import LlavaForConditionalGeneration
+def test_adapter_directory_loads_over_its_base_and_runs_with_limit(data_dir, tmp_path):
+    from peft import PeftModel
 
     from fura import methods
     from fura.cli import main
 
-    base = LlavaForConditionalGeneration.from_pretrained(yes_llava)
-    model = methods.build(base, "fura", target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    base_dir = tmp_path / "base"
+    tiny_llava(seed=1).save_pretrained(base_dir)
+    tiny_llava_processor().save_pretrained(base_dir)
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    targets = r".*language_model.*\.(q_proj|v_proj|o_proj|up_proj|down_proj)"
+    model = methods.build(base, "fura", target_modules=targets, block_shape="closest", init_weights=False).eval()
     adapter = tmp_path / "adapter"
-    methods.save(model, adapter)
+    methods.save(model, adapter)  # no processor in the adapter directory: it comes from the base
+    inputs = {"input_ids": torch.tensor([[1, 4, 5, 6]])}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(**inputs).logits, expected, atol=1e-4)  # the adapter matters
+    loaded, processor = vlm.load_model(str(adapter), None, "fp32")
+    assert isinstance(loaded, PeftModel) and hasattr(processor, "image_processor")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected)
+
     out = tmp_path / "out"
     argv = ["eval", "vlm", "--model", str(adapter), "--data-dir", str(data_dir), "--benchmarks", "gqa,pope"]
-    assert main([*argv, "--limit", "1", "--max-new-tokens", "1", "--output-dir", str(out)]) == 0
+    assert main([*argv, "--limit", "1", "--max-new-tokens", "2", "--output-dir", str(out)]) == 0
     assert json.loads((out / "gqa.json").read_text())["total"] == 1
     assert json.loads((out / "pope.json").read_text())["total"] == 3  # one per split
