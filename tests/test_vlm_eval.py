@@ -585,6 +585,13 @@ def test_batched_generation_keeps_each_image_with_its_prompt(tmp_path):
     assert first["attention_mask"][0, 0] == 0 and first["attention_mask"][:, -1].all()  # left padding
 
 
+def test_pad_to_square_check():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    assert vlm.pads_to_square(tiny_llava_processor().image_processor)
+    assert not vlm.pads_to_square(CLIPImageProcessorPil())  # llava-hf's default: resize and centre crop
+
+
 # ----------------------------------------------------------------------------------------- CLI end to end
 @pytest.fixture(scope="module")
 def yes_llava(tmp_path_factory):

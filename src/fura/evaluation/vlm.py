@@ -703,7 +703,21 @@ def load_model(model: str, base_model: str | None, dtype: str) -> tuple[Any, Any
         processor = AutoProcessor.from_pretrained(source)
         if not hasattr(processor, "image_processor"):
             raise UserError(f"{source}: no image processor saved beside the model (save the LlavaProcessor there)")
+    if not pads_to_square(processor.image_processor):
+        logger.warning(
+            "%s: the image processor (%s) does not pad images to a square; LLaVA-1.5 evaluates with "
+            "image_aspect_ratio=pad (LlavaImageProcessor with do_pad=True), so scores may differ from the paper's",
+            model,
+            type(processor.image_processor).__name__,
+        )
     return loaded, processor
+
+
+def pads_to_square(image_processor: Any) -> bool:
+    """Whether images are padded to a square before resizing, as LLaVA-1.5 does (a centre crop cuts them)."""
+    return type(image_processor).__name__.startswith("LlavaImageProcessor") and bool(
+        getattr(image_processor, "do_pad", False)
+    )
 
 
 def write_submission(name: str, predictions: Sequence[Mapping[str, Any]], data: Path, output: Path) -> Path:
