@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EVALS: dict[str, tuple[str, str]] = {
     "commonsense": ("fura.evaluation.commonsense", "the 8-task commonsense protocol"),
     "math": ("fura.evaluation.math", "MATH-500 / AMC23 / AIME-24/25"),
+    "vlm": ("fura.evaluation.vlm", "LLaVA-1.5's 7 benchmarks (GQA, POPE, SQA-IMG, TextVQA, MMBench, VQAv2, VizWiz)"),
 }
 
 

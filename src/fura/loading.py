@@ -151,13 +151,16 @@ def load_for_inference(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = None,
     base_4bit: bool | None = None,
+    model_class: Any = None,
+    tokenizer_class: Any = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: a model id/directory as is, or an adapter directory over its base.
 
     For an adapter directory the result is the un-merged `PeftModel`. ``base_model`` overrides the base
     named in ``adapter_config.json``; ``base_4bit`` overrides run.json's ``base_4bit``. A 4-bit base is
     loaded in NF4 with the run's compute dtype (``dtype`` then applies only to dense bases). ``device``
-    defaults to CUDA when available, else the CPU.
+    defaults to CUDA when available, else the CPU. ``model_class`` / ``tokenizer_class`` default to
+    ``AutoModelForCausalLM`` / ``AutoTokenizer`` (a VLM passes e.g. its Llava class and ``AutoProcessor``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,9 +169,11 @@ def load_for_inference(
     path = check_model_source(model_or_adapter)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     load_dtype = torch_dtype(dtype)
+    model_class = model_class or AutoModelForCausalLM
+    tokenizer_class = tokenizer_class or AutoTokenizer
     if not is_adapter_dir(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype).to(device)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
+        model = model_class.from_pretrained(path, dtype=load_dtype).to(device)
+        return model.eval(), tokenizer_class.from_pretrained(path)
 
     from peft import PeftModel
 
@@ -177,9 +182,9 @@ def load_for_inference(
     if trained_4bit if base_4bit is None else base_4bit:
         logger.info("loading %s in NF4 (%s compute), as the adapter was trained", base, compute_dtype)
         kwargs = {"device_map": {"": device}} if device.type != "cpu" else {}
-        model = methods.load_model(base, "qfura", compute_dtype=compute_dtype, **kwargs)
+        model = methods.load_model(base, "qfura", model_class, compute_dtype=compute_dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype).to(device)
+        model = model_class.from_pretrained(base, dtype=load_dtype).to(device)
     model = PeftModel.from_pretrained(model, path)
     tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
-    return model.eval(), AutoTokenizer.from_pretrained(tokenizer_source)
+    return model.eval(), tokenizer_class.from_pretrained(tokenizer_source)
