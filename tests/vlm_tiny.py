@@ -52,7 +52,10 @@ def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden:
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(lm_dir)
+    lm = LlamaForCausalLM(config)
+    with torch.no_grad():  # a pretrained LM's logits are far from uniform; at init (std 0.02) they are nearly flat
+        lm.lm_head.weight.mul_(25)
+    lm.save_pretrained(lm_dir)
 
     projector = root / "mm_projector.bin"
     torch.save(
@@ -107,3 +110,21 @@ def write_colour_data(root: Path, n_image: int, n_text: int = 0, seed: int = 0, 
     path = root / name
     path.write_text(json.dumps(records))
     return path
+
+
+def colour_accuracy(model, processor, data_file: Path) -> float:
+    """Greedy accuracy on the image records of ``data_file``: the first generated word is the image's colour."""
+    from PIL import Image
+
+    from fura.vlm.data import generation_prompt
+
+    records = [r for r in json.loads(data_file.read_text()) if r.get("image")]
+    prompt = generation_prompt(f"{QUESTION}\n{SUFFIX}")
+    images = [Image.open(data_file.parent / r["image"]).convert("RGB") for r in records]
+    batch = processor(images=images, text=[prompt] * len(records), return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=1, do_sample=False)
+    answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    truth = [r["conversations"][1]["value"] for r in records]
+    return sum(a.strip() == t for a, t in zip(answers, truth, strict=True)) / len(records)
