@@ -35,22 +35,43 @@ def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden:
     clip_dir = root / "clip"
     clip = CLIPModel(
         CLIPConfig(
-            text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "max_position_embeddings": 16},
-            vision_config={"hidden_size": vision_hidden, "intermediate_size": 64, "num_hidden_layers": 3,
-                           "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
+            text_config={
+                "vocab_size": 64,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 16,
+            },
+            vision_config={
+                "hidden_size": vision_hidden,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "image_size": IMAGE_SIZE,
+                "patch_size": PATCH_SIZE,
+            },
             projection_dim=16,
         )
     )
     clip.save_pretrained(clip_dir)
-    CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(clip_dir)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(clip_dir)
 
     lm_dir = root / "vicuna"
     tokenizer = build_tokenizer([WORDS], lm_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     lm = LlamaForCausalLM(config)
     with torch.no_grad():  # a pretrained LM's logits are far from uniform; at init (std 0.02) they are nearly flat
@@ -101,11 +122,18 @@ def write_colour_data(root: Path, n_image: int, n_text: int = 0, seed: int = 0, 
         colour_image(colour, rng).save(root / rel)
         question = f"{QUESTION}\n{SUFFIX}"
         value = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"  # LLaVA moves it to the front
-        records.append({"id": f"img-{i}", "image": rel, "conversations": [
-            {"from": "human", "value": value}, {"from": "gpt", "value": colour}]})
+        records.append(
+            {
+                "id": f"img-{i}",
+                "image": rel,
+                "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": colour}],
+            }
+        )
     for i in range(n_text):
         q, a = TEXT_ONLY[i % len(TEXT_ONLY)]
-        records.append({"id": f"txt-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        records.append(
+            {"id": f"txt-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        )
     rng.shuffle(records)
     path = root / name
     path.write_text(json.dumps(records))

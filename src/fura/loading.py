@@ -89,27 +89,36 @@ def load_for_inference(
     loaded in NF4 with the run's compute dtype (``dtype`` then applies only to dense bases). ``device``
     defaults to CUDA when available, else the CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fura import methods
 
     path = os.fspath(model_or_adapter)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     load_dtype = torch_dtype(dtype)
     if not is_adapter_dir(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype).to(device)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
+        model_cls, processor_cls = auto_classes(path)
+        model = model_cls.from_pretrained(path, dtype=load_dtype).to(device)
+        return model.eval(), processor_cls.from_pretrained(path)
 
     from peft import PeftModel
 
     base = base_model or adapter_base_model(path)
+    model_cls, processor_cls = auto_classes(base)
     trained_4bit, compute_dtype = trained_base(path)
     if trained_4bit if base_4bit is None else base_4bit:
         logger.info("loading %s in NF4 (%s compute), as the adapter was trained", base, compute_dtype)
         kwargs = {"device_map": {"": device}} if device.type != "cpu" else {}
         model = methods.load_model(base, "qfura", compute_dtype=compute_dtype, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype).to(device)
+        model = model_cls.from_pretrained(base, dtype=load_dtype).to(device)
     model = PeftModel.from_pretrained(model, path)
     tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
-    return model.eval(), AutoTokenizer.from_pretrained(tokenizer_source)
+    return model.eval(), processor_cls.from_pretrained(tokenizer_source)
+
+
+def auto_classes(name_or_path: str | os.PathLike) -> tuple[Any, Any]:
+    """(model class, tokenizer class) for a checkpoint: a vision-language model (Llava) comes with its processor."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    if getattr(AutoConfig.from_pretrained(name_or_path), "vision_config", None) is not None:
+        return AutoModelForImageTextToText, AutoProcessor
+    return AutoModelForCausalLM, AutoTokenizer

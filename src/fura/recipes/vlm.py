@@ -29,7 +29,7 @@ from fura.recipes.config import RecipeError
 
 logger = logging.getLogger(__name__)
 
-# LLaVA-1.5's finetune recipe (scripts/v1_5/finetune*.sh) with the paper's FuRA lr; a recipe's `training` overrides them.
+# LLaVA-1.5's finetune recipe (scripts/v1_5/finetune*.sh), the paper's FuRA lr; a recipe's `training` overrides them.
 PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "num_train_epochs": 1,
@@ -56,7 +56,9 @@ def _section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict
     values = {**defaults, **(recipe.get(key) or {})}
     unknown = set(values) - set(defaults)
     if unknown:
-        raise RecipeError(f"recipe {recipe.get('_source', '')}: unknown {key} keys {sorted(unknown)}; valid: {sorted(defaults)}")
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: unknown {key} keys {sorted(unknown)}; valid: {sorted(defaults)}"
+        )
     return values
 
 
@@ -79,7 +81,9 @@ def build_model(recipe: dict[str, Any]):
         processor = AutoProcessor.from_pretrained(recipe["model"])
         base = LlavaForConditionalGeneration.from_pretrained(recipe["model"], **model_args)
     except (OSError, ValueError) as err:
-        raise RecipeError(f"model {recipe['model']}: not a Llava checkpoint with a processor (see `fura vlm assemble`): {err}") from err
+        raise RecipeError(
+            f"model {recipe['model']}: not a Llava checkpoint with a processor (see `fura vlm assemble`): {err}"
+        ) from err
     if not hasattr(processor, "image_processor"):
         raise RecipeError(f"model {recipe['model']}: its processor has no image processor (see `fura vlm assemble`)")
     spec = methods.get_method(recipe["method"])
@@ -143,11 +147,20 @@ def run(
     try:
         projector_lr = float(vlm_args["projector_lr"])  # YAML reads 1e-5 (no dot) as a string
     except (TypeError, ValueError):
-        raise RecipeError(f"recipe {recipe.get('_source', '')}: vlm.projector_lr must be a number, got {vlm_args['projector_lr']!r}") from None
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: vlm.projector_lr must be a number, got {vlm_args['projector_lr']!r}"
+        ) from None
     args = training_arguments({**recipe, "training": {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}})
     processor, model = build_model(recipe)
     trainable, total = methods.trainable_parameters(model)
-    logger.info("%s on %s: %s trainable of %s parameters (%.3f%%)", recipe["method"], recipe["model"], f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    logger.info(
+        "%s on %s: %s trainable of %s parameters (%.3f%%)",
+        recipe["method"],
+        recipe["model"],
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     summary: dict[str, Any] = {
         "recipe": {k: v for k, v in recipe.items() if not k.startswith("_")},
         "source": recipe.get("_source"),
@@ -194,7 +207,11 @@ def run(
         methods.save(trainer.model, output_dir)
         processor.save_pretrained(output_dir)
         series = loss_series(trainer.state.log_history)
-        plot = plot_curves({"train": series.get("loss", ([], []))}, output_dir / "loss.png", title=f"{recipe['method']} on {Path(str(recipe['model'])).name}")
+        plot = plot_curves(
+            {"train": series.get("loss", ([], []))},
+            output_dir / "loss.png",
+            title=f"{recipe['method']} on {Path(str(recipe['model'])).name}",
+        )
         summary.update(
             metrics=metrics,
             resumed_from=checkpoint,

@@ -35,7 +35,7 @@ class PartError(UserError):
 
 
 def load_projector_state(path: str | Path) -> dict[str, Any]:
-    """The projector's tensors from ``mm_projector.bin`` (a torch pickle, loaded with ``weights_only``) or safetensors."""
+    """The projector's tensors from ``mm_projector.bin`` (a torch pickle, read ``weights_only``) or safetensors."""
     import torch
 
     path = Path(path)
@@ -47,7 +47,7 @@ def load_projector_state(path: str | Path) -> dict[str, Any]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file; the message says which
+    except Exception as err:  # any reader failure means a bad file; the message says which
         raise PartError(f"--projector {path}: cannot read it as a torch or safetensors state dict: {err}") from err
     if not isinstance(state, dict):
         raise PartError(f"--projector {path}: expected a state dict, found a {type(state).__name__}")
@@ -62,7 +62,10 @@ def projector_weights(state: dict[str, Any], path: str | Path, text_hidden: int,
         "linear_2.weight": (text_hidden, text_hidden),
         "linear_2.bias": (text_hidden,),
     }
-    originals = {"linear_1": ("mm_projector.0", "multi_modal_projector.linear_1"), "linear_2": ("mm_projector.2", "multi_modal_projector.linear_2")}
+    originals = {
+        "linear_1": ("mm_projector.0", "multi_modal_projector.linear_1"),
+        "linear_2": ("mm_projector.2", "multi_modal_projector.linear_2"),
+    }
     mapped = {}
     for name, shape in expected.items():
         layer, kind = name.split(".")
@@ -71,7 +74,7 @@ def projector_weights(state: dict[str, Any], path: str | Path, text_hidden: int,
         if len(keys) != 1:
             found = "none" if not keys else ", ".join(keys)
             raise PartError(
-                f"--projector {path}: need exactly one tensor for mm_projector.{0 if layer == 'linear_1' else 2}.{kind} "
+                f"--projector {path}: need exactly one tensor for {suffixes[0]} "
                 f"(an mlp2x_gelu projector); found {found}. Keys in the file: {sorted(state)[:8]}"
             )
         tensor = state[keys[0]]
@@ -96,7 +99,9 @@ def _vision_config(path: Path):
         return config.vision_config
     if config.model_type == "clip_vision_model":
         return config
-    raise PartError(f"--vision-tower {path}: a CLIP model is expected (LLaVA-1.5 uses CLIP ViT-L/14-336), found {config.model_type!r}")
+    raise PartError(
+        f"--vision-tower {path}: a CLIP model is expected (LLaVA-1.5: CLIP ViT-L/14-336), found {config.model_type!r}"
+    )
 
 
 def image_processor_for(vision_path: Path, vision_config):
@@ -111,7 +116,9 @@ def image_processor_for(vision_path: Path, vision_config):
     config_file = vision_path / "preprocessor_config.json"
     settings = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if not settings:
-        logger.warning("%s has no preprocessor_config.json: CLIP's default mean/std at %dpx", vision_path, vision_config.image_size)
+        logger.warning(
+            "%s has no preprocessor_config.json: CLIP's default mean/std at %dpx", vision_path, vision_config.image_size
+        )
     size = vision_config.image_size
     kwargs = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, "do_pad": True}
     for key in ("image_mean", "image_std"):
@@ -120,7 +127,9 @@ def image_processor_for(vision_path: Path, vision_config):
     crop = settings.get("crop_size")
     crop = crop.get("height") if isinstance(crop, dict) else crop
     if crop is not None and crop != size:
-        raise PartError(f"--vision-tower {vision_path}: preprocessor crop size {crop} differs from the model's image size {size}")
+        raise PartError(
+            f"--vision-tower {vision_path}: preprocessor crop size {crop} differs from the model's image size {size}"
+        )
     return LlavaImageProcessorPil(**kwargs)
 
 
@@ -162,13 +171,17 @@ def assemble(
 
     text_config = AutoConfig.from_pretrained(lm_path)
     if getattr(text_config, "vision_config", None) is not None or not hasattr(text_config, "hidden_size"):
-        raise PartError(f"--language-model {lm_path}: a decoder language model (Vicuna) is expected, found {text_config.model_type!r}")
+        raise PartError(
+            f"--language-model {lm_path}: a decoder LM (Vicuna) is expected, found {text_config.model_type!r}"
+        )
     vision_config = _vision_config(vision_path)
     state = load_projector_state(projector)
     weights = projector_weights(state, projector, text_config.hidden_size, vision_config.hidden_size)
     image_processor = image_processor_for(vision_path, vision_config)
     if vision_config.image_size % vision_config.patch_size:
-        raise PartError(f"--vision-tower {vision_path}: image size {vision_config.image_size} is not a multiple of the patch size")
+        raise PartError(
+            f"--vision-tower {vision_path}: image size {vision_config.image_size} is not a multiple of the patch size"
+        )
     image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2  # the CLS token is dropped
 
     tokenizer = AutoTokenizer.from_pretrained(lm_path)
@@ -220,14 +233,21 @@ def assemble(
     processor.save_pretrained(output)
     logger.info(
         "LLaVA starting model saved to %s: %s + %s + %s, %d image tokens, vocabulary %d (+<image>, <pad>)",
-        output, lm_path, vision_path, projector, image_tokens, len(tokenizer),
+        output,
+        lm_path,
+        vision_path,
+        projector,
+        image_tokens,
+        len(tokenizer),
     )
     return output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-model", required=True, help="Vicuna-7B-v1.5 directory (weights + tokenizer)")
-    parser.add_argument("--vision-tower", required=True, help="CLIP ViT-L/14-336 directory (openai/clip-vit-large-patch14-336)")
+    parser.add_argument(
+        "--vision-tower", required=True, help="CLIP ViT-L/14-336 directory (openai/clip-vit-large-patch14-336)"
+    )
     parser.add_argument("--projector", required=True, help="stage-1 mm_projector.bin (or .safetensors)")
     parser.add_argument("--output", required=True, help="directory for the Llava checkpoint and processor")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights (default: bfloat16)")

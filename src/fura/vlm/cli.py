@@ -1,6 +1,6 @@
 """`fura vlm …`: tools of the visual instruction tuning track (training itself is `fura train --config configs/vlm/…`).
 
-    fura vlm assemble --language-model DIR --vision-tower DIR --projector mm_projector.bin --output DIR
+fura vlm assemble --language-model DIR --vision-tower DIR --projector mm_projector.bin --output DIR
 """
 
 from __future__ import annotations

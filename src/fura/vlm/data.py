@@ -46,7 +46,9 @@ def move_image_to_front(value: str) -> str:
     return IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
 
 
-def render(conversations: Sequence[dict[str, str]], record_id: Any, eos: str = "</s>") -> tuple[str, list[tuple[int, int]]]:
+def render(
+    conversations: Sequence[dict[str, str]], record_id: Any, eos: str = "</s>"
+) -> tuple[str, list[tuple[int, int]]]:
     """The ``vicuna_v1`` text of a conversation and the character spans of its targets (answer + ``</s>``)."""
     turns = list(conversations)
     if turns and turns[0].get("from") != "human":
@@ -57,7 +59,10 @@ def render(conversations: Sequence[dict[str, str]], record_id: Any, eos: str = "
             raise DataFormatError(f"record {record_id!r}: turn {i} needs 'from' and a string 'value', got {turn!r}")
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
-            raise DataFormatError(f"record {record_id!r}: turn {i} is from {turn.get('from')!r}, expected {expected!r} (turns alternate human/gpt)")
+            raise DataFormatError(
+                f"record {record_id!r}: turn {i} is from {turn.get('from')!r}, expected {expected!r} "
+                "(turns alternate human/gpt)"
+            )
         value = move_image_to_front(turn["value"]) if IMAGE_TOKEN in turn["value"] else turn["value"]
         if expected == "human":
             text += f"{ROLES['human']}: {value} "
@@ -84,14 +89,21 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise DataFormatError(f"data file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
+        records = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix == ".jsonl"
+            else json.loads(text)
+        )
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(records, list) or not records:
         raise DataFormatError(f"{path}: expected a non-empty list of records")
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise DataFormatError(f"{path}: record {i} (id {record.get('id') if isinstance(record, dict) else None!r}) has no 'conversations' list")
+            raise DataFormatError(
+                f"{path}: record {i} (id {record.get('id') if isinstance(record, dict) else None!r}) "
+                "has no 'conversations' list"
+            )
         record.setdefault("id", i)
     return records
 
@@ -130,14 +142,22 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise DataFormatError(f"the tokenizer has no {IMAGE_TOKEN} token: assemble the model with `fura vlm assemble`")
+            raise DataFormatError(
+                f"the tokenizer has no {IMAGE_TOKEN} token: assemble the model with `fura vlm assemble`"
+            )
         if max_length <= image_tokens:
             raise DataFormatError(f"max_length {max_length} leaves no room for text after {image_tokens} image tokens")
         if check_images:
-            missing = [(r["id"], self.image_folder / r["image"]) for r in records if r.get("image") and not (self.image_folder / r["image"]).is_file()]
+            missing = [
+                (r["id"], self.image_folder / r["image"])
+                for r in records
+                if r.get("image") and not (self.image_folder / r["image"]).is_file()
+            ]
             if missing:
                 shown = "; ".join(f"record {rid!r}: {path}" for rid, path in missing[:5])
-                raise DataFormatError(f"{len(missing)} image(s) not found under image folder {self.image_folder}: {shown}")
+                raise DataFormatError(
+                    f"{len(missing)} image(s) not found under image folder {self.image_folder}: {shown}"
+                )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -161,7 +181,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         n_images = ids.count(self.image_token_id)
         if n_images != int(has_image):
             what = f"an image ({record.get('image')})" if has_image else "no image"
-            raise DataFormatError(f"record {rid!r} has {what} but {n_images} {IMAGE_TOKEN} token(s) in its conversation; LLaVA-1.5 needs exactly {int(has_image)}")
+            raise DataFormatError(
+                f"record {rid!r} has {what} but {n_images} {IMAGE_TOKEN} token(s) in its conversation; "
+                f"LLaVA-1.5 needs exactly {int(has_image)}"
+            )
         input_ids, labels = [], []
         for token, (start, end) in zip(ids, offsets, strict=True):
             if token == self.image_token_id:
@@ -172,8 +195,14 @@ class LlavaDataset(torch.utils.data.Dataset):
             input_ids.append(token)
             labels.append(token if target else IGNORE_INDEX)
         if has_image and input_ids.index(self.image_token_id) + self.image_tokens > self.max_length:
-            raise DataFormatError(f"record {rid!r}: max_length {self.max_length} would cut its {self.image_tokens} image tokens")
-        return Example(input_ids[: self.max_length], labels[: self.max_length], self.image_folder / record["image"] if has_image else None)
+            raise DataFormatError(
+                f"record {rid!r}: max_length {self.max_length} would cut its {self.image_tokens} image tokens"
+            )
+        return Example(
+            input_ids[: self.max_length],
+            labels[: self.max_length],
+            self.image_folder / record["image"] if has_image else None,
+        )
 
     def load_image(self, record_id: Any, path: Path) -> torch.Tensor:
         """Pixel values (3, H, W) of one image; a missing or unreadable file names the record and the path."""
