@@ -235,3 +235,30 @@ def test_modality_grouping_gives_single_modality_batches():
         [abs(lengths[i]) for i in chunk] == sorted((abs(lengths[i]) for i in chunk), reverse=True)
         for chunk in megabatches
     )
+
+
+def test_text_only_batch_with_a_dummy_image_is_unchanged_but_runs_the_projector(tiny, tmp_path):
+    """Several processes: a text-only batch gets a masked zero image so every rank runs the vision path (ZeRO-3)."""
+    model, processor = tiny[3], tiny[4]
+    records = load_records(write_colour_data(tmp_path, n_image=0, n_text=3))
+    ds = dataset(tiny, records, tmp_path)
+    config = model.config
+    dummy = (config.image_token_id, config.image_seq_length, (3, IMAGE_SIZE, IMAGE_SIZE))
+    plain = LlavaCollator(processor.tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    padded = LlavaCollator(processor.tokenizer.pad_token_id, dummy_image=dummy)([ds[i] for i in range(3)])
+    assert "pixel_values" not in plain and padded["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert (padded["input_ids"] == config.image_token_id).sum() == config.image_seq_length
+    assert padded["labels"][padded["input_ids"] == config.image_token_id].eq(IGNORE_INDEX).all()
+    model.zero_grad()
+    loss = model(**padded).loss
+    loss.backward()
+    with torch.no_grad():
+        reference = model(**plain)
+    torch.testing.assert_close(loss.detach(), reference.loss, atol=1e-6, rtol=1e-6)
+    n = plain["input_ids"].shape[1]
+    valid = plain["attention_mask"].bool()
+    torch.testing.assert_close(
+        model(**padded).logits[:, :n][valid].detach(), reference.logits[valid], atol=1e-5, rtol=1e-5
+    )
+    assert model.model.multi_modal_projector.linear_2.weight.grad is not None
+    model.zero_grad(set_to_none=True)

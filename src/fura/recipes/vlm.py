@@ -187,6 +187,10 @@ def run(
         max_length=data_args["max_length"],
         check_images=data_args["check_images"],
     )
+    config = _base(model).config
+    size = config.vision_config.image_size
+    # several processes: every step runs the vision tower and projector on every rank (see LlavaCollator)
+    dummy_image = (config.image_token_id, config.image_seq_length, (3, size, size)) if args.world_size > 1 else None
     trainer_cls = _trainer_class() if vlm_args["group_by_modality_length"] else Trainer
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs["params"] = optimizer_groups(model, projector_lr, args.weight_decay)
@@ -194,7 +198,7 @@ def run(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=LlavaCollator(processor.tokenizer.pad_token_id),
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id, dummy_image=dummy_image),
         processing_class=processor,
         callbacks=callbacks,
         optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),

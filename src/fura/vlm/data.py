@@ -226,25 +226,40 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 @dataclass
 class LlavaCollator:
-    """Right-pad ids and labels; stack the pixel values of the records that have an image (text-only ones add none)."""
+    """Right-pad ids and labels; stack the pixel values of the records that have an image (text-only ones add none).
+
+    With ``dummy_image`` (the image tokens' id, their count and the pixel shape), a batch without any
+    image gets one all-zero image whose tokens sit after the first row's text, masked out of the
+    attention and the loss. The vision tower and projector then run on every rank at every step, as
+    in LLaVA (which feeds text-only records a zero image): ZeRO-3 gathers parameters module by module,
+    and a rank that skipped the projector while another ran it would wait forever (DDP would fail
+    on the unused parameters). The dummy changes no real token's output: it comes after them
+    (causal attention) and its keys are masked.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = 8
+    dummy_image: tuple[int, int, tuple[int, ...]] | None = None
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(item["input_ids"]) for item in items)
+        images = [item["pixel_values"] for item in items if "pixel_values" in item]
+        dummy = self.dummy_image if not images else None
+        lengths = [len(item["input_ids"]) for item in items]
+        longest = max(lengths[0] + dummy[1], *lengths) if dummy else max(lengths)
         if self.pad_to_multiple_of:
             longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
+        for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
             ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             mask[row, :n] = 1
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        images = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if dummy:
+            token_id, count, shape = dummy
+            ids[0, lengths[0] : lengths[0] + count] = token_id
+            images = [torch.zeros(shape)]
         if images:
             batch["pixel_values"] = torch.stack(images)
         return batch
