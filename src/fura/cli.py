@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fura.recipes.train", "train with a recipe config (YAML) and command-line overrides"),
     "export": ("fura.export", "merge an adapter into its base model and save a dense model"),
     "inspect": ("fura.inspect", "see what an adapter or fine-tune did to each layer's spectrum"),
+    "vlm": ("fura.vlm.cli", "visual instruction tuning tools: assemble the LLaVA-1.5 starting model"),
 }
 EVALS: dict[str, tuple[str, str]] = {
     "commonsense": ("fura.evaluation.commonsense", "the 8-task commonsense protocol"),

@@ -160,31 +160,44 @@ def load_for_inference(
     named in ``adapter_config.json``; ``base_4bit`` overrides run.json's ``base_4bit``. A 4-bit base is
     loaded in NF4 with the run's compute dtype (``dtype`` then applies only to dense bases). ``device``
     defaults to CUDA when available, else the CPU. ``model_class`` / ``tokenizer_class`` default to
-    ``AutoModelForCausalLM`` / ``AutoTokenizer`` (a VLM passes e.g. its Llava class and ``AutoProcessor``).
+    the checkpoint's: `AutoModelForImageTextToText` / `AutoProcessor` for a VLM, else `AutoModelForCausalLM` /
+    `AutoTokenizer`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from fura import methods
 
     path = check_model_source(model_or_adapter)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     load_dtype = torch_dtype(dtype)
-    model_class = model_class or AutoModelForCausalLM
-    tokenizer_class = tokenizer_class or AutoTokenizer
     if not is_adapter_dir(path):
-        model = model_class.from_pretrained(path, dtype=load_dtype).to(device)
-        return model.eval(), tokenizer_class.from_pretrained(path)
+        model_cls, processor_cls = auto_classes(path, model_class, tokenizer_class)
+        model = model_cls.from_pretrained(path, dtype=load_dtype).to(device)
+        return model.eval(), processor_cls.from_pretrained(path)
 
     from peft import PeftModel
 
     base = check_model_source(base_model or adapter_base_model(path), "base_model")
+    model_cls, processor_cls = auto_classes(base, model_class, tokenizer_class)
     trained_4bit, compute_dtype = trained_base(path)
     if trained_4bit if base_4bit is None else base_4bit:
         logger.info("loading %s in NF4 (%s compute), as the adapter was trained", base, compute_dtype)
         kwargs = {"device_map": {"": device}} if device.type != "cpu" else {}
-        model = methods.load_model(base, "qfura", model_class, compute_dtype=compute_dtype, **kwargs)
+        model = methods.load_model(base, "qfura", model_cls, compute_dtype=compute_dtype, **kwargs)
     else:
-        model = model_class.from_pretrained(base, dtype=load_dtype).to(device)
+        model = model_cls.from_pretrained(base, dtype=load_dtype).to(device)
     model = PeftModel.from_pretrained(model, path)
     tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
-    return model.eval(), tokenizer_class.from_pretrained(tokenizer_source)
+    return model.eval(), processor_cls.from_pretrained(tokenizer_source)
+
+
+def auto_classes(
+    name_or_path: str | os.PathLike, model_class: Any = None, tokenizer_class: Any = None
+) -> tuple[Any, Any]:
+    """(model class, tokenizer class) for a checkpoint, unless given: a vision-language model (Llava) comes with its
+    processor, anything else is a causal LM with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    if model_class is not None and tokenizer_class is not None:
+        return model_class, tokenizer_class
+    vision = getattr(AutoConfig.from_pretrained(name_or_path), "vision_config", None) is not None
+    default = (AutoModelForImageTextToText, AutoProcessor) if vision else (AutoModelForCausalLM, AutoTokenizer)
+    return model_class or default[0], tokenizer_class or default[1]

@@ -2,7 +2,7 @@
 
 A recipe is a plain dict with a few top-level keys that every track shares:
 
-    track: commonsense | math_rl          which entry point runs it (fura.recipes.<sft|grpo>)
+    track: commonsense | math_rl | vlm    which entry point runs it (fura.recipes.<sft|grpo|vlm>)
     model: <hub id or local path>         the base model
     method: fura | lora | dora | ...      any name of fura.methods, with `method_args` overrides
     data: <path or datasets id>           training data
@@ -22,7 +22,7 @@ import yaml
 
 from fura.errors import UserError
 
-TRACKS = {"commonsense": "fura.recipes.sft", "math_rl": "fura.recipes.grpo"}
+TRACKS = {"commonsense": "fura.recipes.sft", "math_rl": "fura.recipes.grpo", "vlm": "fura.recipes.vlm"}
 
 # Shorthand flags of `fura train`, and the recipe key each one sets.
 SHORTHANDS = {

@@ -388,6 +388,20 @@ class FuraModel(BaseTuner):
         refuse_non_finite(selected.items(), adapter_name, "save")
         return selected
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` in place of ``child``.
+
+        `BaseTuner`'s version copies ``child.weight`` onto any new module without a ``base_layer``, which
+        assumes a linear layer. On unload that module can be a container that ``modules_to_save`` kept
+        whole (LLaVA's ``multi_modal_projector``) and has no ``weight``: it is put back as it is, as
+        peft's LoRA does.
+        """
+        unwrapped = getattr(child, "base_layer", child)
+        if not hasattr(new_module, "base_layer") and not hasattr(unwrapped, "weight"):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]

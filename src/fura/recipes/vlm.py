@@ -1,0 +1,236 @@
+"""Visual instruction tuning (track 3): LLaVA-1.5 on transformers' Llava with transformers' `Trainer`.
+
+The model is a Llava checkpoint with its processor (see ``fura vlm assemble``). What LLaVA-1.5's
+recipe adds to a plain `Trainer` is two small overrides, not a different trainer:
+
+- ``group_by_modality_length``: a sampler (`fura.vlm.data.ModalityLengthSampler`) whose batches are
+  all image records or all text-only records, grouped by length;
+- the projector's own learning rate (2e-5 while FuRA trains at 2e-4): an optimizer parameter group,
+  passed through `Trainer`'s ``optimizer_cls_and_kwargs``.
+
+Adapters go on the language model's seven projections only (`fura.vlm.LANGUAGE_MODEL_TARGETS`); the
+projector trains in full (``modules_to_save``) and is saved with the adapter; the vision tower is
+frozen. Recipe keys of this track:
+
+    data_args:  {max_length: 2048, image_folder: <dir of the data file>, check_images: true}
+    model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
+    vlm:        {projector_lr: 2.0e-5, group_by_modality_length: true}
+    training:   TrainingArguments (see fura.recipes.sft.training_arguments)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fura.recipes.config import RecipeError
+
+logger = logging.getLogger(__name__)
+
+# LLaVA-1.5's finetune recipe (scripts/v1_5/finetune*.sh), the paper's FuRA lr; a recipe's `training` overrides them.
+PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 16,  # × 8 GPUs = global batch 128
+    "per_device_eval_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "weight_decay": 0.0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 50000,
+    "save_total_limit": 1,
+    "report_to": "auto",
+    "remove_unused_columns": False,
+}
+DATA_DEFAULTS: dict[str, Any] = {"max_length": 2048, "image_folder": None, "check_images": True}
+VLM_DEFAULTS: dict[str, Any] = {"projector_lr": 2e-5, "group_by_modality_length": True}
+
+
+def _section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    values = {**defaults, **(recipe.get(key) or {})}
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: unknown {key} keys {sorted(unknown)}; valid: {sorted(defaults)}"
+        )
+    return values
+
+
+def build_model(recipe: dict[str, Any]):
+    """(processor, model): the Llava checkpoint prepared for the method, vision tower frozen, projector trainable.
+
+    Adapter methods target the language model's projections unless ``method_args`` says otherwise and
+    keep the projector whole in ``modules_to_save``; ``full`` trains the language model and projector.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from fura import methods
+    from fura.loading import torch_dtype
+    from fura.vlm import LANGUAGE_MODEL_TARGETS, PROJECTOR
+
+    model_args = dict(recipe.get("model_args") or {})
+    if "dtype" in model_args:
+        model_args["dtype"] = torch_dtype(model_args["dtype"])
+    try:
+        processor = AutoProcessor.from_pretrained(recipe["model"])
+        base = LlavaForConditionalGeneration.from_pretrained(recipe["model"], **model_args)
+    except (OSError, ValueError) as err:
+        raise RecipeError(
+            f"model {recipe['model']}: not a Llava checkpoint with a processor (see `fura vlm assemble`): {err}"
+        ) from err
+    if not hasattr(processor, "image_processor"):
+        raise RecipeError(f"model {recipe['model']}: its processor has no image processor (see `fura vlm assemble`)")
+    spec = methods.get_method(recipe["method"])
+    overrides = dict(recipe.get("method_args") or {})
+    if spec.family != "full":
+        overrides.setdefault("target_modules", LANGUAGE_MODEL_TARGETS)
+        overrides.setdefault("modules_to_save", [PROJECTOR])
+    model = methods.build(base, spec.name, **overrides)
+    base.model.vision_tower.requires_grad_(False)  # LLaVA-1.5 keeps CLIP frozen, whatever the method
+    return processor, model
+
+
+def optimizer_groups(model, projector_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: the projector at ``projector_lr``, everything else at the run's lr."""
+    from fura.vlm import PROJECTOR
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    projector = [p for name, p in trainable if PROJECTOR in name]
+    rest = [p for name, p in trainable if PROJECTOR not in name]
+    groups = [{"params": rest, "weight_decay": weight_decay}]
+    if projector:
+        groups.append({"params": projector, "weight_decay": weight_decay, "lr": projector_lr})
+    return groups
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    from fura.vlm.data import ModalityLengthSampler
+
+    class ModalityGroupedTrainer(Trainer):
+        """transformers' `Trainer` with LLaVA's ``group_by_modality_length`` sampler."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return ModalityLengthSampler(
+                dataset.modality_lengths,
+                self.args.train_batch_size,
+                self.args.world_size * self.args.gradient_accumulation_steps,
+                seed=self.args.seed,
+            )
+
+    return ModalityGroupedTrainer
+
+
+def run(
+    recipe: dict[str, Any], resume: bool = False, dry_run: bool = False, callbacks: list | None = None
+) -> dict[str, Any]:
+    """Train (or, with ``dry_run``, only build and validate) and return the run summary written to run.json."""
+    from transformers import Trainer
+
+    from fura import methods
+    from fura.recipes.sft import training_arguments
+    from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
+    from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
+
+    start = time.perf_counter()
+    output_dir = Path(recipe["output_dir"])
+    data_args = _section(recipe, "data_args", DATA_DEFAULTS)
+    vlm_args = _section(recipe, "vlm", VLM_DEFAULTS)
+    try:
+        projector_lr = float(vlm_args["projector_lr"])  # YAML reads 1e-5 (no dot) as a string
+    except (TypeError, ValueError):
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: vlm.projector_lr must be a number, got {vlm_args['projector_lr']!r}"
+        ) from None
+    args = training_arguments({**recipe, "training": {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}})
+    processor, model = build_model(recipe)
+    trainable, total = methods.trainable_parameters(model)
+    logger.info(
+        "%s on %s: %s trainable of %s parameters (%.3f%%)",
+        recipe["method"],
+        recipe["model"],
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    summary: dict[str, Any] = {
+        "recipe": {k: v for k, v in recipe.items() if not k.startswith("_")},
+        "source": recipe.get("_source"),
+        "training_arguments": args.to_dict(),
+        "method": recipe["method"],
+        "model": recipe["model"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+    }
+    if dry_run:
+        summary["dry_run"] = True
+        logger.info("dry run: model, method and training arguments are valid; nothing trained")
+        return summary
+    if not recipe.get("data"):
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: missing 'data' (llava_v1_5_mix665k.json)")
+    data_path = Path(recipe["data"])
+    dataset = LlavaDataset(
+        load_records(data_path),
+        processor.tokenizer,
+        processor.image_processor,
+        image_folder=data_args["image_folder"] or data_path.parent,
+        image_tokens=_base(model).config.image_seq_length,
+        max_length=data_args["max_length"],
+        check_images=data_args["check_images"],
+    )
+    config = _base(model).config
+    size = config.vision_config.image_size
+    # several processes: every step runs the vision tower and projector on every rank (see LlavaCollator)
+    dummy_image = (config.image_token_id, config.image_seq_length, (3, size, size)) if args.world_size > 1 else None
+    trainer_cls = _trainer_class() if vlm_args["group_by_modality_length"] else Trainer
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_kwargs["params"] = optimizer_groups(model, projector_lr, args.weight_decay)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=LlavaCollator(processor.tokenizer.pad_token_id, dummy_image=dummy_image),
+        processing_class=processor,
+        callbacks=callbacks,
+        optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
+    )
+    checkpoint = resume_checkpoint(output_dir, resume)
+    with PeakMemory() as memory:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    if args.should_save:
+        methods.save(trainer.model, output_dir)
+        processor.save_pretrained(output_dir)
+        series = loss_series(trainer.state.log_history)
+        plot = plot_curves(
+            {"train": series.get("loss", ([], []))},
+            output_dir / "loss.png",
+            title=f"{recipe['method']} on {Path(str(recipe['model'])).name}",
+        )
+        summary.update(
+            metrics=metrics,
+            resumed_from=checkpoint,
+            global_steps=trainer.state.global_step,
+            peak_memory_bytes=memory.peak_bytes,
+            peak_memory_device=memory.device,
+            wall_seconds=time.perf_counter() - start,
+            loss_plot=str(plot) if plot else None,
+            log_history=trainer.state.log_history,
+        )
+        write_run_json(output_dir / "run.json", summary)
+        logger.info("saved to %s (adapter + projector, processor, run.json, loss.png)", output_dir)
+    return summary
+
+
+def _base(model):
+    """The underlying transformers model of a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
