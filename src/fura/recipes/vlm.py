@@ -136,11 +136,13 @@ def run(
     from transformers import Trainer
 
     from fura import methods
+    from fura.recipes import guard
     from fura.recipes.sft import training_arguments
     from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
     from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
 
     start = time.perf_counter()
+    guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     output_dir = Path(recipe["output_dir"])
     data_args = _section(recipe, "data_args", DATA_DEFAULTS)
     vlm_args = _section(recipe, "vlm", VLM_DEFAULTS)
@@ -203,12 +205,16 @@ def run(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
     )
+    nonfinite = guard.attach(trainer, recipe)
     checkpoint = resume_checkpoint(output_dir, resume)
     with PeakMemory() as memory:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
+    # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)} if sharded else {}
     if args.should_save:
-        methods.save(trainer.model, output_dir)
+        methods.save(trainer.model, output_dir, **gathered)
         processor.save_pretrained(output_dir)
         series = loss_series(trainer.state.log_history)
         plot = plot_curves(
@@ -225,6 +231,7 @@ def run(
             wall_seconds=time.perf_counter() - start,
             loss_plot=str(plot) if plot else None,
             log_history=trainer.state.log_history,
+            nonfinite_skipped_steps=nonfinite.skipped_steps,
         )
         write_run_json(output_dir / "run.json", summary)
         logger.info("saved to %s (adapter + projector, processor, run.json, loss.png)", output_dir)
