@@ -125,7 +125,10 @@ def test_resume_skips_a_partial_checkpoint(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert guard.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert "skipping partial checkpoint" in caplog.text and "checkpoint-6" in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    # nothing is deleted: partial checkpoints are moved aside, out of the Trainer's checkpoint-* rotation
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["checkpoint-2", "partial-checkpoint-4", "partial-checkpoint-6"]
+    assert (tmp_path / "partial-checkpoint-4" / "trainer_state.json").read_text() == "{}  "
 
 
 def train_subprocess(workspace: Path, out: Path, kill: str | None, resume: bool) -> subprocess.CompletedProcess:

@@ -168,7 +168,8 @@ def is_complete(checkpoint: Path) -> bool:
 
 def last_complete_checkpoint(output_dir: str | os.PathLike, log: bool = True) -> str | None:
     """The newest complete ``checkpoint-N`` in ``output_dir`` (None if none); with ``log``, partial newer ones
-    are reported and removed, so that training writes those steps again from a clean directory."""
+    are reported and moved aside to ``partial-checkpoint-N`` (never deleted: a checkpoint written without the
+    marker may still be wanted), so that training writes those steps again into a clean directory."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
@@ -179,6 +180,13 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, log: bool = True) ->
         if is_complete(path):
             return str(path)
         if log:
-            logger.warning("--resume: skipping partial checkpoint %s (its save did not finish); removing it", path)
-            shutil.rmtree(path, ignore_errors=True)
+            aside = path.with_name(f"partial-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)  # an older partial copy of the same step
+            path.rename(aside)
+            logger.warning(
+                "--resume: skipping partial checkpoint %s (its save did not finish, or it has no %s); moved to %s",
+                path,
+                MARKER,
+                aside,
+            )
     return None
