@@ -4,7 +4,6 @@ results.json carries means, spreads, seeds and the chosen learning rates."""
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import pytest
@@ -17,47 +16,38 @@ def _names(records, world):
     return {n for n in world.colors if any(f" {n} " in r["instruction"] for r in records)}
 
 
-def test_synthetic_data_is_in_the_record_format_held_out_and_noisy_as_asked():
+def _truth(record, world):
+    """The right answer of a record, from the world's facts."""
+    name = next(n for n in world.colors if f" {n} " in record["instruction"])
+    if "true/false" in record["instruction"]:
+        return "true" if world.pets[name] == "cat" else "false"
+    return "option1" if world.homes[name] == "city" else "option2"
+
+
+def test_synthetic_data_is_in_the_record_format_held_out_balanced_and_noisy_as_asked():
     settings = QuickstartSettings()
     world = make_world(settings)
     assert len(world.colors) == settings.people
+    splits = [set(world.finetune), set(world.val), set(world.test)]
+    assert sum(map(len, splits)) == len(set().union(*splits)) == settings.people  # disjoint
     tests = test_records(world, settings)
-    test_names = _names([r for rs in tests.values() for r in rs], world)
-    assert test_names == set(world.test)
-    for task, records in tests.items():
-        assert len(records) == 2 * settings.test_people
+    assert _names([r for rs in tests.values() for r in rs], world) == set(world.test)
+    for records in tests.values():
+        assert len(records) == settings.test_people
         answers = [r["answer"] for r in records]
-        assert len(set(answers)) == 2 and answers.count(answers[0]) == len(answers) / 2  # balanced
+        assert len(set(answers)) == 2 and answers.count(answers[0]) == len(answers) / 2  # balanced: chance is 50 %
+        assert all(r["answer"] == _truth(r, world) for r in records)  # clean
         assert all(r["output"] == f"the correct answer is {r['answer']}" for r in records)
     for noise in settings.label_noise:
         train, val = experiment_data(world, settings, noise, seed=0)
         assert all(set(r) == {"instruction", "input", "output", "answer"} for r in train + val)
         assert _names(train, world) == set(world.finetune) and _names(val, world) == set(world.val)
-        assert not set(world.finetune) & set(world.val) | set(world.finetune) & test_names | set(world.val) & test_names
         assert all(r["output"] == f"the correct answer is {r['answer']}" for r in train + val)
         for records in (train, val):  # exactly that share of answers is wrong
             wrong = sum(r["answer"] != _truth(r, world) for r in records)
-            assert wrong == round(noise * len(records))
-    again = experiment_data(world, settings, 0.3, seed=0)
-    assert again == experiment_data(world, settings, 0.3, seed=0) != experiment_data(world, settings, 0.3, seed=1)
-
-
-def _truth(record, world):
-    """The right answer of a record, from the world's colours."""
-    name = next(n for n in world.colors if f" {n} " in record["instruction"])
-    color = world.colors[name]
-    text = record["instruction"]
-    if "true/false" in text:
-        return "true" if f"like {color}?" in text else "false"
-    return "option1" if f"Option1: {color} " in text else "option2"
-
-
-def test_record_truth_helper_agrees_with_clean_data():
-    settings = QuickstartSettings.fast()
-    world = make_world(settings)
-    records = [r for rs in test_records(world, settings).values() for r in rs]
-    assert all(r["answer"] == _truth(r, world) for r in records)
-    random.Random(0).shuffle(records)
+            assert wrong == round(noise * len(records) / 2) * 2
+    assert experiment_data(world, settings, 0.3, 0) == experiment_data(world, settings, 0.3, 0)  # deterministic
+    assert experiment_data(world, settings, 0.3, 0) != experiment_data(world, settings, 0.3, 1)  # seeds differ
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +142,12 @@ def test_no_warnings_from_the_run(fast_run):
 
 
 def test_second_run_reuses_the_cached_base(fast_run):
-    root, out, _, _ = fast_run
+    root, *_ = fast_run
     assert len(list((root / "cache" / "quickstart").glob("base-*/config.json"))) == 1
     # the cache key ignores what only the fine-tuning depends on
-    assert QuickstartSettings.fast().model_key() == QuickstartSettings(
-        finetune_people=16, val_people=16, test_people=32, pretrain_steps=800, finetune_epochs=2
-    ).model_key()
+    assert (
+        QuickstartSettings.fast().model_key()
+        == QuickstartSettings(
+            finetune_people=16, val_people=16, test_people=32, pretrain_steps=800, finetune_epochs=2
+        ).model_key()
+    )

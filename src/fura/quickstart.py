@@ -63,7 +63,7 @@ class QuickstartSettings:
     world_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     label_noise: tuple[float, ...] = (0.0, 0.3)
-    finetune_people: int = 48
+    finetune_people: int = 64
     val_people: int = 32
     test_people: int = 64
     hidden_size: int = 64
@@ -74,7 +74,7 @@ class QuickstartSettings:
     pretrain_batch: int = 32
     pretrain_block: int = 64
     pretrain_lr: float = 2e-3
-    finetune_epochs: int = 10
+    finetune_epochs: int = 8
     finetune_batch: int = 8
     # Per-method grids around each method's usual range (adapters take larger rates than full fine-tuning).
     lr_grid: dict[str, tuple[float, ...]] = field(
@@ -91,7 +91,7 @@ class QuickstartSettings:
 
     @classmethod
     def fast(cls) -> QuickstartSettings:
-        return cls(finetune_people=32, val_people=16, test_people=32, pretrain_steps=600)
+        return cls(finetune_people=48, val_people=16, test_people=32, pretrain_steps=600)
 
     @property
     def people(self) -> int:
@@ -161,16 +161,16 @@ def pretraining_corpus(world: World, n_docs: int, seed: int) -> list[str]:
     for _ in range(n_docs):
         name = rng.choice(names)
         color, pet, home = world.colors[name], world.pets[name], world.homes[name]
-        kind = rng.randrange(9)
-        if kind < 2:  # colour facts: what "recall" measures, never asked about in fine-tuning
+        kind = rng.randrange(10)
+        if kind < 3:  # colour facts: what "recall" measures, never asked about in fine-tuning
             docs.append(rng.choice((f"{name} likes {color} .", f"the favourite colour of {name} is {color} .")))
-        elif kind < 4:
+        elif kind < 5:
             docs.append(rng.choice((f"{name} has a {pet} .", f"the pet of {name} is a {pet} .")))
-        elif kind < 6:
+        elif kind < 7:
             docs.append(rng.choice((f"{name} lives in the {home} .", f"the home of {name} is the {home} .")))
-        elif kind == 6:
-            docs.append(f"{name} has a {PETS[0]} , {'true' if pet == PETS[0] else 'false'} .")
         elif kind == 7:
+            docs.append(f"{name} has a {PETS[0]} , {'true' if pet == PETS[0] else 'false'} .")
+        elif kind == 8:
             docs.append(
                 f"{name} lives in the _ , option1 {HOMES[0]} , option2 {HOMES[1]} , "
                 f"answer option{HOMES.index(home) + 1} ."
@@ -457,16 +457,23 @@ def greedy_generator(model, tokenizer, max_new_tokens: int = 6) -> Callable[[lis
 
 
 def recall_accuracy(model, tokenizer, colors: dict[str, str]) -> float:
-    """Share of people whose colour the model still completes after "the favourite colour of <name> is"."""
+    """Share of people whose colour is still the likeliest of the colours after "the favourite colour of <name> is".
+
+    Colours are never asked about in fine-tuning, so this measures collateral loss of pre-trained
+    knowledge. It ranks the colours (as multiple-choice benchmarks rank options) rather than taking
+    the free next token, so a model that now prefers to say "true" everywhere is not counted as
+    having forgotten who likes what.
+    """
     import torch
 
     prompts = [f"the favourite colour of {name} is" for name in colors]
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    color_ids = tokenizer.convert_tokens_to_ids(list(COLORS))
     with torch.no_grad():
-        logits = model(**batch).logits[:, -1, :]
-    predicted = tokenizer.batch_decode(logits.argmax(-1)[:, None])
-    return sum(p.strip() == colors[n] for p, n in zip(predicted, colors)) / len(colors)
+        logits = model(**batch).logits[:, -1, color_ids]
+    predicted = [COLORS[i] for i in logits.argmax(-1).tolist()]
+    return sum(p == colors[n] for p, n in zip(predicted, colors)) / len(colors)
 
 
 def evaluate(model, tokenizer, tasks: dict[str, list[dict[str, str]]], colors: dict[str, str] | None = None):
