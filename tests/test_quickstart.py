@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from fura.cli import main
-from fura.quickstart import TASK_PATTERNS, QuickstartSettings, experiment_data, make_world, test_records
+from fura.quickstart import TASK_PATTERNS, QuickstartSettings, experiment_data, heldout_records, make_world
 
 
 def _names(records, world):
@@ -30,7 +30,7 @@ def test_synthetic_data_is_in_the_record_format_held_out_balanced_and_noisy_as_a
     assert len(world.colors) == settings.people
     splits = [set(world.finetune), set(world.val), set(world.test)]
     assert sum(map(len, splits)) == len(set().union(*splits)) == settings.people  # disjoint
-    tests = test_records(world, settings)
+    tests = heldout_records(world, settings)
     assert _names([r for rs in tests.values() for r in rs], world) == set(world.test)
     for records in tests.values():
         assert len(records) == settings.test_people

@@ -84,7 +84,7 @@ class QuickstartSettings:
             "full": (3e-4, 1e-3, 3e-3),
         }
     )
-    # LoRA r=8 on width 96: about the paper's LoRA/FuRA trainable-parameter ratio.
+    # LoRA r=8 on q,k,v,up,down at width 64 trains about as many parameters as FuRA (the paper compares r=64 on 8B).
     method_args: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"fura": {}, "lora": {"r": 8, "lora_alpha": 16}, "full": {}}
     )
@@ -99,10 +99,9 @@ class QuickstartSettings:
 
     def model_key(self) -> str:
         """Hash of everything the pre-trained model depends on (the cache key)."""
-        keys = ("world_seed", "hidden_size", "layers", "heads", "intermediate_size")
-        parts: dict[str, Any] = {k: getattr(self, k) for k in keys if hasattr(self, k)}
-        parts.update({k: v for k, v in asdict(self).items() if k.startswith("pretrain_")})
-        parts.update(people=self.people, corpus_version=CORPUS_VERSION)
+        keys = ("world_seed", "finetune_people", "val_people", "test_people", "hidden_size", "layers", "heads")
+        parts: dict[str, Any] = {k: v for k, v in asdict(self).items() if k in keys or k.startswith("pretrain_")}
+        parts.update(intermediate_size=self.intermediate_size, corpus_version=CORPUS_VERSION)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -231,7 +230,7 @@ def experiment_data(world: World, settings: QuickstartSettings, noise: float, se
     return task_records(world, world.finetune, rng, noise), task_records(world, world.val, rng, noise)
 
 
-def test_records(world: World, settings: QuickstartSettings) -> dict[str, list[dict[str, str]]]:
+def heldout_records(world: World, settings: QuickstartSettings) -> dict[str, list[dict[str, str]]]:
     """Clean test questions about the test people, the same for every method, seed and noise level."""
     return by_task(task_records(world, world.test, random.Random(settings.world_seed)))
 
@@ -259,17 +258,15 @@ def build_tokenizer(texts: list[str], path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-class _ProgressCallback:
-    """A `TrainerCallback` advancing one rich progress task per optimizer step (built lazily: transformers import)."""
+def _progress_callback(advance: Callable[[], None]):
+    """A `TrainerCallback` that calls ``advance`` after every optimizer step (drives the phase's progress bar)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, advance: Callable[[], None]):
-        from transformers import TrainerCallback
+    class Advance(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            advance()
 
-        class Advance(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                advance()
-
-        return Advance()
+    return Advance()
 
 
 def _quiet_trainer(trainer) -> None:
@@ -343,7 +340,7 @@ def pretrain(settings: QuickstartSettings, world: World, all_texts: list[str], p
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[_ProgressCallback(advance)],
+        callbacks=[_progress_callback(advance)],
     )
     _quiet_trainer(trainer)
     trainer.train()
@@ -419,6 +416,7 @@ def finetune(
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
     _quiet_trainer(trainer)
     trainer.train()
+    shutil.rmtree(recipe["output_dir"], ignore_errors=True)  # save_strategy "no": nothing of value in there
     trainable, total = methods.trainable_parameters(model)
     model.eval()
     return Run(
@@ -570,7 +568,7 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
 
     progress = progress or Progress(disable=True)
     world = make_world(settings)
-    tests = test_records(world, settings)
+    tests = heldout_records(world, settings)
     data_dir = output_dir / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
     for task, records in tests.items():
@@ -639,7 +637,6 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
             run.model = None
             runs[noise, method].append(run)
             progress.advance(task)
-    shutil.rmtree(data_dir / "trainer", ignore_errors=True)
     return summarize_runs(settings, base_scores, runs, lr_search, base_dir)
 
 
@@ -685,7 +682,10 @@ def summarize_runs(settings, base_scores, runs, lr_search, base_dir) -> dict[str
 def ordering(rows: list[dict[str, Any]]) -> str:
     """ "a (x ± s) > b (...)" from the numbers, with a note for neighbours closer than the larger std."""
     rows = sorted(rows, key=lambda r: -r["average"])
-    text = " > ".join(f"{r['method']} {100 * r['average']:.1f} ± {100 * r['average_std']:.1f}" for r in rows)
+    text = f"{rows[0]['method']} {100 * rows[0]['average']:.1f} ± {100 * rows[0]['average_std']:.1f}"
+    for a, b in itertools.pairwise(rows):
+        relation = ">" if round(100 * a["average"], 1) > round(100 * b["average"], 1) else "="
+        text += f" {relation} {b['method']} {100 * b['average']:.1f} ± {100 * b['average_std']:.1f}"
     close = [
         f"{a['method']} vs {b['method']}"
         for a, b in itertools.pairwise(rows)
@@ -693,6 +693,9 @@ def ordering(rows: list[dict[str, Any]]) -> str:
     ]
     if close:
         text += f" ({', '.join(close)}: within one std, not distinguishable with {len(rows[0]['seeds'])} seeds)"
+    methods = [r["method"] for r in rows]
+    if "fura" in methods and len(methods) > 1:
+        text += f"; FuRA ranks {methods.index('fura') + 1} of {len(methods)}"
     return text
 
 
