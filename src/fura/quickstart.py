@@ -368,14 +368,23 @@ class Run:
     total: int = 0
     seconds: float = 0.0
     val_average: float | None = None
+    val_loss: float | None = None
     scores: dict[str, Any] | None = None
 
 
 def finetune(
-    base_dir: Path, data_file: Path, method: str, lr: float, noise: float, seed: int, settings: QuickstartSettings
+    base_dir: Path,
+    data_file: Path,
+    method: str,
+    lr: float,
+    noise: float,
+    seed: int,
+    settings: QuickstartSettings,
+    val_file: Path | None = None,
 ) -> Run:
     """Train one method with `Trainer` on the recipe's own pieces (arguments, model builder, data loader, collator).
 
+    With ``val_file``, the run's loss on those records (answer tokens only, as in training) is kept too.
     `fura.recipes.sft.run` itself is not called: it reloads, plots, saves and logs every run, and the
     experiment makes dozens of runs and keeps only the ones it reports (see `save_run`).
     """
@@ -416,6 +425,10 @@ def finetune(
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
     _quiet_trainer(trainer)
     trainer.train()
+    val_loss = None
+    if val_file is not None:
+        val_ds, _ = build_datasets(str(val_file), tokenizer, max_length=128, val_size=0, seed=seed)
+        val_loss = trainer.evaluate(val_ds)["eval_loss"]
     shutil.rmtree(recipe["output_dir"], ignore_errors=True)  # save_strategy "no": nothing of value in there
     trainable, total = methods.trainable_parameters(model)
     model.eval()
@@ -430,6 +443,7 @@ def finetune(
         trainable,
         total,
         time.perf_counter() - start,
+        val_loss=val_loss,
     )
 
 
@@ -520,6 +534,7 @@ def save_run(run: Run, tokenizer, directory: Path) -> None:
             "wall_seconds": run.seconds,
             "metrics": {k: v for k, v in (run.scores or {}).items() if k != "predictions"},
             "validation_average": run.val_average,
+            "validation_loss": run.val_loss,
             "loss_plot": str(plot) if plot else None,
             "log_history": run.log_history,
         },
@@ -574,7 +589,7 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
     for task, records in tests.items():
         (data_dir / "dataset" / task).mkdir(parents=True, exist_ok=True)
         (data_dir / "dataset" / task / "test.json").write_text(json.dumps(records, indent=1))
-    data: dict[tuple[float, int], tuple[Path, dict[str, list[dict[str, str]]]]] = {}
+    data: dict[tuple[float, int], tuple[Path, Path]] = {}  # (training file, validation file)
     for noise in settings.label_noise:
         for seed in settings.seeds:
             train, val = experiment_data(world, settings, noise, seed)
@@ -582,7 +597,7 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "commonsense_train.json").write_text(json.dumps(train, indent=1))
             (folder / "validation.json").write_text(json.dumps(val, indent=1))
-            data[noise, seed] = folder / "commonsense_train.json", by_task(val)
+            data[noise, seed] = folder / "commonsense_train.json", folder / "validation.json"
 
     base_dir = cache_dir() / "quickstart" / f"base-{settings.model_key()}"
     if (base_dir / "config.json").is_file():
@@ -612,13 +627,19 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
     chosen: dict[tuple[float, str], Run] = {}
     lr_search: dict[tuple[float, str], dict[str, float]] = {}
     for noise, method in cells:
-        train_file, val = data[noise, first]
+        train_file, val_file = data[noise, first]
+        val = by_task(json.loads(val_file.read_text()))
         for lr in settings.lr_grid[method]:
-            run = finetune(base_dir, train_file, method, lr, noise, first, settings)
+            run = finetune(base_dir, train_file, method, lr, noise, first, settings, val_file)
             run.val_average = evaluate(run.model, tokenizer, val)["average"]
-            lr_search.setdefault((noise, method), {})[f"{lr:g}"] = run.val_average
+            lr_search.setdefault((noise, method), {})[f"{lr:g}"] = {
+                "validation_accuracy": run.val_average,
+                "validation_loss": run.val_loss,
+            }
             best = chosen.get((noise, method))
-            if best is None or run.val_average > best.val_average:  # ties keep the smaller rate
+            # Validation accuracy first; its ties (often at 100 %) go to the lower validation loss rather
+            # than to the smallest rate, which is the rate that only just works.
+            if best is None or (run.val_average, -run.val_loss) > (best.val_average, -best.val_loss):
                 chosen[noise, method] = run
             progress.advance(task)
     runs: dict[tuple[float, str], list[Run]] = {}
@@ -693,9 +714,10 @@ def ordering(rows: list[dict[str, Any]]) -> str:
     ]
     if close:
         text += f" ({', '.join(close)}: within one std, not distinguishable with {len(rows[0]['seeds'])} seeds)"
-    methods = [r["method"] for r in rows]
-    if "fura" in methods and len(methods) > 1:
-        text += f"; FuRA ranks {methods.index('fura') + 1} of {len(methods)}"
+    fura = [r for r in rows if r["method"] == "fura"]
+    if fura and len(rows) > 1:  # tie-aware: 1 + the number of methods strictly ahead
+        ahead = sum(round(100 * r["average"], 1) > round(100 * fura[0]["average"], 1) for r in rows)
+        text += f"; FuRA ranks {ahead + 1} of {len(rows)}"
     return text
 
 
