@@ -637,9 +637,9 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
                 "validation_loss": run.val_loss,
             }
             best = chosen.get((noise, method))
-            # Validation accuracy first; its ties (often at 100 %) go to the lower validation loss rather
-            # than to the smallest rate, which is the rate that only just works.
-            if best is None or (run.val_average, -run.val_loss) > (best.val_average, -best.val_loss):
+            # Ties keep the smaller rate. (Breaking them by validation loss was tried: on noisy labels the
+            # loss favours models that hedge, and it picked a rate at which FuRA answered constantly.)
+            if best is None or run.val_average > best.val_average:
                 chosen[noise, method] = run
             progress.advance(task)
     runs: dict[tuple[float, str], list[Run]] = {}
