@@ -21,11 +21,13 @@ rank that applies to the original base, with PEFT's own conversion
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -169,6 +171,14 @@ def method_config(method: str, model: nn.Module | None = None, **overrides: Any)
     return cls(**kwargs)
 
 
+@contextlib.contextmanager
+def _peft_reads_deprecated_property() -> Iterator[None]:
+    """PEFT <= 0.21 reads ``model.is_gradient_checkpointing``, a FutureWarning from transformers 5.24 on: not ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _lora_targets(model: nn.Module | None) -> list[str] | str:
     arch = getattr(getattr(model, "config", None), "model_type", None)
     if arch not in LORA_TARGET_MODULES:
@@ -204,7 +214,8 @@ def build(model: nn.Module, method: str, autocast_adapter_dtype: bool = True, **
     elif quant.is_4bit(model):
         logger.warning("method %r on a 4-bit base: did you mean 'q%s'?", spec.name, spec.name)
     try:
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        with _peft_reads_deprecated_property():
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         if "target_modules" not in str(err) and "not found in the base model" not in str(err):
             raise
@@ -326,7 +337,8 @@ def load(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) 
     """
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, "adapter_config.json")):
-        return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+        with _peft_reads_deprecated_property():
+            return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     if os.path.exists(os.path.join(path, "config.json")):
         loaded = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
         loaded.requires_grad_(is_trainable)

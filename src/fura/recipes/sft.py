@@ -67,7 +67,12 @@ def training_arguments(recipe: dict[str, Any]):
     kwargs = {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}
     kwargs["report_to"] = resolve_report_to(kwargs["report_to"])
     if kwargs.get("activation_checkpointing") or kwargs.get("gradient_checkpointing"):
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        # transformers 5.24 renamed gradient_checkpointing_kwargs (a FutureWarning now); older 5.x lack the new name
+        name = "activation_checkpointing_kwargs"
+        if not hasattr(TrainingArguments, name):
+            name = "gradient_checkpointing_kwargs"
+        if "activation_checkpointing_kwargs" not in kwargs and "gradient_checkpointing_kwargs" not in kwargs:
+            kwargs[name] = {"use_reentrant": False}
     if "use_cpu" not in kwargs and not _accelerator_available():
         kwargs["use_cpu"] = True  # no GPU: run on the CPU (bf16 then means CPU autocast) instead of failing
     if "optim" in kwargs:
