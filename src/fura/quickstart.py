@@ -816,7 +816,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fura.errors import UserError
     from fura.reporting import cache_dir
 
     console = Console()
