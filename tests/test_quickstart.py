@@ -44,9 +44,9 @@ def test_synthetic_data_is_in_the_record_format_held_out_balanced_and_noisy_as_a
         assert all(set(r) == {"instruction", "input", "output", "answer"} for r in train + val)
         assert _names(train, world) == set(world.finetune) and _names(val, world) == set(world.val)
         assert all(r["output"] == f"the correct answer is {r['answer']}" for r in train + val)
-        for records in (train, val):  # exactly that share of answers is wrong
-            wrong = sum(r["answer"] != _truth(r, world) for r in records)
-            assert wrong == round(noise * len(records) / 2) * 2
+        wrong = sum(r["answer"] != _truth(r, world) for r in train)  # exactly that share of answers is wrong
+        assert wrong == round(noise * len(train) / 2) * 2
+        assert all(r["answer"] == _truth(r, world) for r in val)  # validation is clean at every noise level
     assert experiment_data(world, settings, 0.3, 0) == experiment_data(world, settings, 0.3, 0)  # deterministic
     assert experiment_data(world, settings, 0.3, 0) != experiment_data(world, settings, 0.3, 1)  # seeds differ
 
@@ -154,3 +154,17 @@ def test_second_run_reuses_the_cached_base(fast_run):
     fast = QuickstartSettings.fast()
     assert fast.model_key() == dataclasses.replace(fast, finetune_epochs=2, label_noise=(0.1,)).model_key()
     assert fast.model_key() != dataclasses.replace(fast, pretrain_steps=10).model_key()
+
+
+def test_spectral_summary_shows_fura_stays_in_the_pretrained_subspaces(fast_run):
+    """The quickstart runs `fura inspect` on each seed-0 run: FuRA's update lies in the pretrained block column
+    spaces (to float precision) at full median rank; LoRA's and full fine-tuning's do not."""
+    _, out, printed, _ = fast_run
+    spectral = json.loads((out / "results.json").read_text())["spectral"]
+    assert "fura inspect, label noise 30%" in printed and "out-of-subspace" in printed
+    for noise, by_method in spectral.items():
+        assert by_method["fura"]["out_of_subspace_max"] <= 1e-6, noise
+        assert by_method["fura"]["rank_ratio_median"] == 1.0, noise
+        assert by_method["lora"]["out_of_subspace_mean"] > 1e-2, noise
+        assert by_method["full"]["out_of_subspace_mean"] > 1e-2, noise
+        assert by_method["lora"]["rank_ratio_median"] < 0.5, noise  # rank r=8 of 64..176-wide layers
