@@ -89,7 +89,13 @@ def test_every_method_learns_on_held_out_people(fast_run):
     for row in rows:
         where = f"{row['method']} at noise {row['label_noise']}"
         assert row["average"] >= base + 0.15, where
-        assert row["average"] >= 0.60, where
+        if row["label_noise"] == 0:
+            # the task is learnable: every method learns it clearly from clean data
+            assert row["average"] >= 0.60, where
+        else:
+            # with flipped labels a method may do badly (that is the result the demo reports), but it must stay
+            # above the 50 % of a constant answer, or the run shows nothing
+            assert row["average"] > 0.50, where
         for task in TASK_PATTERNS:  # the method does not answer every test question the same way
             pooled = {p for seed_row in row["per_seed"] for p in seed_row["predictions"][task]}
             assert len(pooled) > 1, f"{where}, {task}: constant answer"
