@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_projector_formats_and_mismatches(tiny, tmp_path):
         load_projector_state(tmp_path / "evil.bin")
 
 
-def test_each_missing_or_wrong_part_is_named(tiny, tmp_path):
+def test_each_missing_or_wrong_part_is_named(tiny, tmp_path, capsys):
     from fura.cli import main
 
     _, parts, *_ = tiny
@@ -119,7 +120,7 @@ def test_each_missing_or_wrong_part_is_named(tiny, tmp_path):
         assemble(**{**good, "language_model": str(tmp_path / "nope")}, output=tmp_path / "o")
     with pytest.raises(PartError, match=r"--vision-tower .*CLIP model is expected"):
         assemble(**{**good, "vision_tower": good["language_model"]}, output=tmp_path / "o")
-    with pytest.raises(PartError, match=r"--projector .*no such file"):
+    assert (  # through the CLI: one line on stderr, exit status 2
         main(
             [
                 "vlm",
@@ -134,6 +135,10 @@ def test_each_missing_or_wrong_part_is_named(tiny, tmp_path):
                 str(tmp_path / "o"),
             ]
         )
+        == 2
+    )
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and re.search(r"--projector .*no such file", error), error
     assert not (tmp_path / "o").exists()
 
 
