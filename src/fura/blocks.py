@@ -162,10 +162,17 @@ def _few_threads(size: int):
 
 
 def _sorted_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (k, rank) and eigenvectors (k, b, rank) of symmetric ``gram``, largest first."""
+    """Eigenvalues (k, rank) and eigenvectors (k, b, rank) of symmetric ``gram``, largest first.
+
+    Each eigenvector's sign is fixed (its largest-magnitude entry is positive): LAPACK's choice of sign
+    depends on the thread count and the code path, and two processes must build the same adapter tensors
+    (a sharded run saves what a single process would; an adapter file is reproducible across machines).
+    """
     with _few_threads(gram.shape[-1]):
         eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
-    return eigvals.flip(-1)[:, :rank], eigvecs.flip(-1)[:, :, :rank]
+    eigvals, eigvecs = eigvals.flip(-1)[:, :rank], eigvecs.flip(-1)[:, :, :rank]
+    pivot = eigvecs.gather(1, eigvecs.abs().argmax(dim=1, keepdim=True))  # (k, 1, rank)
+    return eigvals, eigvecs * torch.where(pivot < 0, -1.0, 1.0).to(eigvecs.dtype)
 
 
 def float_weight(weight: torch.Tensor) -> torch.Tensor:
