@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from fura import FuraConfig, count_trainable_parameters
 from fura.cli import main
+from fura.data.commonsense import DataFormatError
 from fura.recipes import vlm
 from fura.recipes.config import load_recipe
 from fura.tuner.layer import FuraLayer
@@ -86,8 +87,9 @@ def test_paper_count_at_llava_15_7b_shapes():
 
 @pytest.mark.parametrize("method", ["fura", "lora", "dora", "full"])
 def test_recipes_have_the_papers_settings_and_dry_run(method, workspace, tmp_path):
-    _, llava, *_ = workspace
-    recipe = load_recipe(CONFIGS / f"{method}.yaml", {"model": str(llava), "output_dir": str(tmp_path / "o")})
+    _, llava, train, _ = workspace
+    overrides = {"model": str(llava), "data": str(train), "output_dir": str(tmp_path / "o")}
+    recipe = load_recipe(CONFIGS / f"{method}.yaml", overrides)
     training = recipe["training"]
     assert recipe["track"] == "vlm" and recipe["method"] == method
     assert (training["num_train_epochs"], training["per_device_train_batch_size"], training["weight_decay"]) == (
@@ -211,3 +213,19 @@ def test_train_export_answers_the_toy_better(workspace, tmp_path):
         merged_in_memory = adapter.merge_and_unload()
         torch.testing.assert_close(merged_in_memory(**batch).logits, exported(**batch).logits, atol=1e-6, rtol=1e-6)
     assert not any("fura_" in n or "modules_to_save" in n for n, _ in exported.named_parameters())
+
+
+def test_dry_run_checks_the_data_as_the_run_would(workspace, tmp_path):
+    """A dry run reads every record and image: a missing image fails it, naming the record, as the run would."""
+    _, llava, train, _ = workspace
+    records = json.loads(Path(train).read_text())
+    broken = next(r for r in records if "image" in r)
+    broken["image"] = "missing/nowhere.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    overrides = {"model": str(llava), "data": str(bad), "output_dir": str(tmp_path / "o")}
+    recipe = load_recipe(CONFIGS / "fura.yaml", overrides)
+    recipe["data_args"]["image_folder"] = str(Path(train).parent)
+    with pytest.raises(DataFormatError, match=r"nowhere\.png"):
+        vlm.run(recipe, dry_run=True)
+    assert not (tmp_path / "o" / "run.json").exists()

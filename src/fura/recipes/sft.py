@@ -141,6 +141,33 @@ def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[
     return summary
 
 
+def run_summary(recipe: dict[str, Any], args: Any, model: Any) -> dict[str, Any]:
+    """The start of run.json, shared by the recipes: the recipe, the training arguments and the trainable count
+    (also logged)."""
+    from fura import methods, quant
+
+    trainable, total = methods.trainable_parameters(model)
+    logger.info(
+        "%s on %s: %s trainable of %s parameters (%.3f%%)",
+        recipe["method"],
+        recipe["model"],
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
+    return {
+        "recipe": {k: v for k, v in recipe.items() if not k.startswith("_")},
+        "source": recipe.get("_source"),
+        "training_arguments": args.to_dict(),
+        "method": recipe["method"],
+        "model": recipe["model"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        **quant.base_summary(model),
+    }
+
+
 def run(
     recipe: dict[str, Any], resume: bool = False, dry_run: bool = False, callbacks: list | None = None
 ) -> dict[str, Any]:
@@ -151,7 +178,7 @@ def run(
     """
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from fura import methods, quant
+    from fura import methods
     from fura.data.commonsense import build_datasets
     from fura.recipes import guard
     from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
@@ -167,26 +194,7 @@ def run(
     if not recipe.get("data"):
         raise RecipeError(f"recipe {recipe.get('_source', '')}: missing 'data' (a JSON/JSONL file or datasets id)")
     tokenizer, model = build_model(recipe)
-    trainable, total = methods.trainable_parameters(model)
-    logger.info(
-        "%s on %s: %s trainable of %s parameters (%.3f%%)",
-        recipe["method"],
-        recipe["model"],
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
-    summary: dict[str, Any] = {
-        "recipe": {k: v for k, v in recipe.items() if not k.startswith("_")},
-        "source": recipe.get("_source"),
-        "training_arguments": args.to_dict(),
-        "method": recipe["method"],
-        "model": recipe["model"],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_percent": 100 * trainable / total,
-        **quant.base_summary(model),
-    }
+    summary = run_summary(recipe, args, model)
     train_ds, val_ds = build_datasets(
         recipe["data"],
         tokenizer,

@@ -137,7 +137,7 @@ def run(
 
     from fura import methods
     from fura.recipes import guard
-    from fura.recipes.sft import training_arguments
+    from fura.recipes.sft import run_summary, training_arguments
     from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
     from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
 
@@ -154,29 +154,7 @@ def run(
         ) from None
     args = training_arguments({**recipe, "training": {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}})
     processor, model = build_model(recipe)
-    trainable, total = methods.trainable_parameters(model)
-    logger.info(
-        "%s on %s: %s trainable of %s parameters (%.3f%%)",
-        recipe["method"],
-        recipe["model"],
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
-    summary: dict[str, Any] = {
-        "recipe": {k: v for k, v in recipe.items() if not k.startswith("_")},
-        "source": recipe.get("_source"),
-        "training_arguments": args.to_dict(),
-        "method": recipe["method"],
-        "model": recipe["model"],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_percent": 100 * trainable / total,
-    }
-    if dry_run:
-        summary["dry_run"] = True
-        logger.info("dry run: model, method and training arguments are valid; nothing trained")
-        return summary
+    summary = run_summary(recipe, args, model)
     if not recipe.get("data"):
         raise RecipeError(f"recipe {recipe.get('_source', '')}: missing 'data' (llava_v1_5_mix665k.json)")
     data_path = Path(recipe["data"])
@@ -206,6 +184,10 @@ def run(
         optimizer_cls_and_kwargs=(optimizer_cls, optimizer_kwargs),
     )
     nonfinite = guard.attach(trainer, recipe)
+    if dry_run:  # everything the run needs was read and checked: model, method, data (every image), trainer
+        summary["dry_run"] = True
+        logger.info("dry run: model, method, data (%d records), training arguments and trainer are valid", len(dataset))
+        return summary
     checkpoint = resume_checkpoint(output_dir, resume)
     with PeakMemory() as memory:
         result = trainer.train(resume_from_checkpoint=checkpoint)
