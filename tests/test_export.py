@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from conftest import save_tiny_llama_dir
 from fura import methods, quant
 from fura.cli import main
+from fura.errors import UserError
+from fura.export import export
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,11 @@ def test_export_of_a_qfura_adapter_merges_into_the_dequantized_base(base_dir, tm
     torch.testing.assert_close(merged(INPUT).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_errors_are_clear(base_dir, tmp_path):
-    with pytest.raises(ValueError, match="already dense"):
-        main(["export", "--adapter", str(base_dir), "--output", str(tmp_path / "x")])
-    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
-        main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")])
+def test_export_errors_are_clear(base_dir, tmp_path, capsys):
+    with pytest.raises(UserError, match="already dense"):
+        export(base_dir, tmp_path / "x")
+    # through the CLI: one line on stderr, exit status 2, nothing written
+    assert main(["export", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "adapter_config.json" in error, error
+    assert not (tmp_path / "x").exists()

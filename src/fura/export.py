@@ -11,6 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from fura.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,11 +35,11 @@ def export(
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not loading.is_adapter_dir(adapter_dir):
         if (adapter_dir / "config.json").is_file():
-            raise ValueError(f"{adapter_dir} holds a full model (no adapter): it is already dense, nothing to merge")
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (is this a `fura train` output directory?)")
+            raise UserError(f"{adapter_dir} holds a full model (no adapter): it is already dense, nothing to merge")
+        raise UserError(f"{adapter_dir}: no adapter_config.json (is this a `fura train` output directory?)")
     target_dtype = loading.torch_dtype(dtype)
     if not isinstance(target_dtype, torch.dtype):
-        raise ValueError(f"--dtype must name a dtype for the saved weights, got {dtype!r}")
+        raise UserError(f"--dtype must name a dtype for the saved weights, got {dtype!r}")
     model, tokenizer = loading.load_for_inference(
         adapter_dir, base_model, dtype=torch.float32, device="cpu", base_4bit=base_4bit
     )
