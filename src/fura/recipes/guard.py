@@ -75,8 +75,9 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps = [int(e[SKIP_KEY]) for e in state.log_history if SKIP_KEY in e]
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all() if params else torch.tensor(True)
+        # Under FSDP2 a gradient is a DTensor: each rank checks its own shard, and the all-reduce below decides.
+        grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Sharded gradients (FSDP) differ per rank: every rank must take the same decision.
             flag = finite.to(device=args.device, dtype=torch.int32)
@@ -110,6 +111,11 @@ class CheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
             write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def attach(trainer: Any, recipe: dict[str, Any]) -> NonFiniteGuard:
