@@ -178,10 +178,9 @@ def run(
     """
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    from fura import methods
     from fura.data.commonsense import build_datasets
     from fura.recipes import guard
-    from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
+    from fura.reporting import PeakMemory, resume_checkpoint
 
     start = time.perf_counter()
     output_dir = Path(recipe["output_dir"])
@@ -241,29 +240,51 @@ def run(
         accuracy = evaluate_after_training(trainer.model, tokenizer, recipe["eval"])
         if accuracy is not None:
             metrics["commonsense"] = accuracy
+    save_and_report(trainer, recipe, tokenizer, summary, metrics, checkpoint, memory, start, nonfinite.skipped_steps)
+    return summary
+
+
+def save_and_report(
+    trainer: Any,
+    recipe: dict[str, Any],
+    processing: Any,
+    summary: dict[str, Any],
+    metrics: dict[str, Any],
+    checkpoint: str | None,
+    memory: Any,
+    start: float,
+    skipped_steps: list[int],
+) -> None:
+    """After training, shared by the recipes: save the model (gathered first when sharded) and its tokenizer or
+    processor, plot the loss curves, and complete and write run.json (on the main process only)."""
+    from fura import methods
+    from fura.reporting import loss_series, plot_curves, write_run_json
+
+    output_dir = Path(recipe["output_dir"])
     # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)} if sharded else {}
-    if args.should_save:
-        methods.save(trainer.model, output_dir, **gathered)
-        tokenizer.save_pretrained(output_dir)
-        series = loss_series(trainer.state.log_history)
-        plot = plot_curves(
-            {"train": series.get("loss", ([], [])), "validation": series.get("eval_loss", ([], []))},
-            output_dir / "loss.png",
-            title=f"{recipe['method']} on {Path(str(recipe['model'])).name}",
-        )
-        summary.update(
-            metrics=metrics,
-            resumed_from=checkpoint,
-            nonfinite_skipped_steps=nonfinite.skipped_steps,
-            global_steps=trainer.state.global_step,
-            peak_memory_bytes=memory.peak_bytes,
-            peak_memory_device=memory.device,
-            wall_seconds=time.perf_counter() - start,
-            loss_plot=str(plot) if plot else None,
-            log_history=trainer.state.log_history,
-        )
-        write_run_json(output_dir / "run.json", summary)
-        logger.info("saved to %s (run.json, loss.png)", output_dir)
-    return summary
+    if not trainer.args.should_save:
+        return
+    methods.save(trainer.model, output_dir, **gathered)
+    processing.save_pretrained(output_dir)
+    series = loss_series(trainer.state.log_history)
+    plot = plot_curves(
+        {"train": series.get("loss", ([], [])), "validation": series.get("eval_loss", ([], []))},
+        output_dir / "loss.png",
+        title=f"{recipe['method']} on {Path(str(recipe['model'])).name}",
+    )
+    summary.update(
+        metrics=metrics,
+        resumed_from=checkpoint,
+        nonfinite_skipped_steps=skipped_steps,
+        global_steps=trainer.state.global_step,
+        peak_memory_bytes=memory.peak_bytes,
+        peak_memory_device=memory.device,
+        wall_seconds=time.perf_counter() - start,
+        loss_plot=str(plot) if plot else None,
+        log_history=trainer.state.log_history,
+    )
+    write_run_json(output_dir / "run.json", summary)
+    saved = "model" if recipe["method"] == "full" else "adapter"
+    logger.info("saved to %s (%s, run.json, loss.png)", output_dir, saved)

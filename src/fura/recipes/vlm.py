@@ -135,10 +135,9 @@ def run(
     """Train (or, with ``dry_run``, only build and validate) and return the run summary written to run.json."""
     from transformers import Trainer
 
-    from fura import methods
     from fura.recipes import guard
-    from fura.recipes.sft import run_summary, training_arguments
-    from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
+    from fura.recipes.sft import run_summary, save_and_report, training_arguments
+    from fura.reporting import PeakMemory, resume_checkpoint
     from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
 
     start = time.perf_counter()
@@ -192,31 +191,7 @@ def run(
     with PeakMemory() as memory:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
-    # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    gathered = {"state_dict": trainer.accelerator.get_state_dict(trainer.model)} if sharded else {}
-    if args.should_save:
-        methods.save(trainer.model, output_dir, **gathered)
-        processor.save_pretrained(output_dir)
-        series = loss_series(trainer.state.log_history)
-        plot = plot_curves(
-            {"train": series.get("loss", ([], []))},
-            output_dir / "loss.png",
-            title=f"{recipe['method']} on {Path(str(recipe['model'])).name}",
-        )
-        summary.update(
-            metrics=metrics,
-            resumed_from=checkpoint,
-            global_steps=trainer.state.global_step,
-            peak_memory_bytes=memory.peak_bytes,
-            peak_memory_device=memory.device,
-            wall_seconds=time.perf_counter() - start,
-            loss_plot=str(plot) if plot else None,
-            log_history=trainer.state.log_history,
-            nonfinite_skipped_steps=nonfinite.skipped_steps,
-        )
-        write_run_json(output_dir / "run.json", summary)
-        logger.info("saved to %s (adapter + projector, processor, run.json, loss.png)", output_dir)
+    save_and_report(trainer, recipe, processor, summary, metrics, checkpoint, memory, start, nonfinite.skipped_steps)
     return summary
 
 
