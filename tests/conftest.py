@@ -165,3 +165,42 @@ def save_tiny_llama_dir(path: Path, texts: list[str], hidden_size: int = 64) -> 
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def write_ordering_recipe(root: Path, records: int, training: dict) -> Path:
+    """A commonsense recipe over ``records`` random "Is x before y?" records and a tiny Llama, in ``root``.
+
+    For the multi-process tests (DDP, FSDP), which compare a run on several processes with one process:
+    ``training`` holds the run's `TrainingArguments` beyond logging every step and saving nothing.
+    """
+    import json
+    import random
+
+    import yaml
+
+    from fura.data.commonsense import generate_prompt
+
+    rng = random.Random(0)
+    data = [
+        {
+            "instruction": f"Is {rng.choice('abcdef')} before {rng.choice('abcdef')}?",
+            "input": "",
+            "output": f"the correct answer is {rng.choice(['true', 'false'])}",
+            "answer": "",
+        }
+        for _ in range(records)
+    ]
+    (root / "train.json").write_text(json.dumps(data))
+    save_tiny_llama_dir(root / "model", [generate_prompt(r["instruction"]) + r["output"] for r in data], 32)
+    recipe = {
+        "track": "commonsense",
+        "model": str(root / "model"),
+        "method": "fura",
+        "data": str(root / "train.json"),
+        "data_args": {"max_length": 128, "val_size": 0},
+        "output_dir": str(root / "unused"),
+        "training": {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": 0, **training},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
-import yaml
 
-from conftest import save_tiny_llama_dir
+from conftest import write_ordering_recipe
 from fura.cli import main
-from fura.data.commonsense import generate_prompt
 
 RECORDS = 64
 GLOBAL_BATCH = 8
@@ -25,42 +22,10 @@ GLOBAL_BATCH = 8
 
 @pytest.fixture(scope="module")
 def recipe_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    rng = random.Random(0)
-    records = [
-        {
-            "instruction": f"Is {rng.choice('abcdef')} before {rng.choice('abcdef')}?",
-            "input": "",
-            "output": f"the correct answer is {rng.choice(['true', 'false'])}",
-            "answer": "",
-        }
-        for _ in range(RECORDS)
-    ]
-    (root / "train.json").write_text(json.dumps(records))
-    texts = [generate_prompt(r["instruction"]) + r["output"] for r in records]
-    save_tiny_llama_dir(root / "model", texts, hidden_size=32)
-    recipe = {
-        "track": "commonsense",
-        "model": str(root / "model"),
-        "method": "fura",
-        "data": str(root / "train.json"),
-        "data_args": {"max_length": 128, "val_size": 0},
-        "output_dir": str(root / "unused"),
-        "training": {
-            "max_steps": 6,
-            "per_device_train_batch_size": GLOBAL_BATCH,
-            "learning_rate": 1e-2,
-            "gradient_accumulation_steps": 1,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": "none",
-            "use_cpu": True,
-            "seed": 0,
-        },
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    training = {"max_steps": 6, "per_device_train_batch_size": GLOBAL_BATCH, "learning_rate": 1e-2}
+    return write_ordering_recipe(
+        tmp_path_factory.mktemp("ddp"), RECORDS, {**training, "gradient_accumulation_steps": 1, "use_cpu": True}
+    )
 
 
 def history(out) -> list[dict]:

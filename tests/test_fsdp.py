@@ -11,21 +11,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import fsdp_worker
-from conftest import DECODER_TARGETS, save_tiny_llama_dir, tiny_llama
+from conftest import DECODER_TARGETS, tiny_llama, write_ordering_recipe
 from fura.cli import main
-from fura.data.commonsense import generate_prompt
 from fura.methods import method_config
 
 TESTS = Path(__file__).parent
@@ -88,39 +85,8 @@ def check_two_processes(one_dir: Path, tmp_path: Path, *mode: str) -> None:
 
 @pytest.fixture(scope="module")
 def recipe_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    rng = random.Random(0)
-    records = [
-        {
-            "instruction": f"Is {rng.choice('abcdef')} before {rng.choice('abcdef')}?",
-            "input": "",
-            "output": f"the correct answer is {rng.choice(['true', 'false'])}",
-            "answer": "",
-        }
-        for _ in range(32)
-    ]
-    (root / "train.json").write_text(json.dumps(records))
-    save_tiny_llama_dir(root / "model", [generate_prompt(r["instruction"]) + r["output"] for r in records], 32)
-    recipe = {
-        "track": "commonsense",
-        "model": str(root / "model"),
-        "method": "fura",
-        "data": str(root / "train.json"),
-        "data_args": {"max_length": 128, "val_size": 0},
-        "output_dir": str(root / "unused"),
-        "training": {
-            "max_steps": 3,
-            "per_device_train_batch_size": 8,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": "none",
-            "seed": 0,
-        },
-    }
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    training = {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-2}
+    return write_ordering_recipe(tmp_path_factory.mktemp("fsdp"), 32, training)
 
 
 def losses(out: Path) -> list[float]:
