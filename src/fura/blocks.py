@@ -272,37 +272,31 @@ def block_transform(basis: torch.Tensor, core: torch.Tensor, sigma: torch.Tensor
     return torch.bmm(basis, core)
 
 
-def _batched(x: torch.Tensor) -> bool:
-    """Whether block products run as one ``bmm`` on a blocks-first copy (CUDA) rather than a loop of ``mm`` (CPU)."""
-    return x.is_cuda
+def _blocks_first(x: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    """(T, n·b) → (n, T, b): a strided view, no copy. BLAS takes the row stride n·b as its leading dimension."""
+    return x.reshape(-1, n, b).transpose(0, 1)
 
 
 def _block_matmul(x: torch.Tensor, weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """(T, n·b) → (T, n·b): block j of the result is ``x_j · W_j``, or ``x_j · W_jᵀ`` with ``transpose``.
 
-    On CUDA it runs one ``bmm`` on a contiguous blocks-first copy. On CPU it runs a loop of ``mm``
-    on strided column slices: layout copies of the activation cost more there than the product
-    (measured 20 ms against 56 ms at 1024 tokens × 112 blocks of 128).
+    One ``bmm`` reads the blocks of ``x`` and writes the blocks of the result in place, through
+    strided views. It makes no layout copy of the activation (on a CPU such a copy cost more than
+    the product) and no launch per block (a loop of ``mm`` paid one each);
+    ``benchmarks/kernel_bench.py`` measures the three.
     """
     n, b, _ = weight.shape
-    if _batched(x):
-        blocks_first = x.reshape(-1, n, b).transpose(0, 1).contiguous()
-        y = torch.bmm(blocks_first, weight.transpose(1, 2) if transpose else weight)
-        return y.transpose(0, 1).reshape(x.shape)
-    parts = [x[:, j * b : (j + 1) * b] @ (weight[j].T if transpose else weight[j]) for j in range(n)]
-    out = torch.empty(x.shape, dtype=parts[0].dtype, device=x.device)
-    for j, part in enumerate(parts):
-        out[:, j * b : (j + 1) * b] = part
+    weight = weight.transpose(1, 2) if transpose else weight
+    if torch.compiler.is_compiling():  # the compiler picks its own layouts, and a strided out= breaks its graph
+        return torch.bmm(_blocks_first(x, n, b), weight).transpose(0, 1).reshape(x.shape)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.bmm(_blocks_first(x, n, b), weight, out=_blocks_first(out, n, b))
     return out
 
 
 def _block_gram(x: torch.Tensor, grad: torch.Tensor, n: int, b: int) -> torch.Tensor:
     """(n, b, b) with block j equal to ``x_jᵀ · grad_j``, the gradient of ``x_j · W_j`` with respect to W_j."""
-    if _batched(x):
-        xb = x.reshape(-1, n, b).transpose(0, 1).contiguous()
-        gb = grad.reshape(-1, n, b).transpose(0, 1).contiguous()
-        return torch.bmm(xb.transpose(1, 2), gb)
-    return torch.stack([x[:, j * b : (j + 1) * b].T @ grad[:, j * b : (j + 1) * b] for j in range(n)])
+    return torch.bmm(_blocks_first(x, n, b).transpose(1, 2), _blocks_first(grad, n, b))
 
 
 class _FuraTransform(torch.autograd.Function):
