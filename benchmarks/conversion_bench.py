@@ -16,6 +16,7 @@ It prints the total and a per-module breakdown, and writes JSON to ``benchmarks/
 
 from __future__ import annotations
 
+import fura  # isort: skip  (first: it quiets a bitsandbytes import notice before peft imports it)
 import argparse
 import json
 import os

@@ -18,6 +18,7 @@ It prints a table and writes JSON next to this file (``benchmarks/results/``) un
 
 from __future__ import annotations
 
+import fura  # noqa: F401  # isort: skip  (first: it quiets a bitsandbytes import notice before peft imports it)
 import argparse
 import json
 import platform
@@ -33,7 +34,6 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-import fura  # noqa: F401  (registers the PEFT method)
 from fura import FuraConfig
 from fura.blocks import closest_factor_pair
 

@@ -16,6 +16,7 @@ It prints a table and writes JSON to ``benchmarks/results/`` unless ``--json`` s
 
 from __future__ import annotations
 
+import fura  # noqa: F401  # isort: skip  (first: it quiets a bitsandbytes import notice before peft imports it)
 import argparse
 import json
 import platform
@@ -29,7 +30,6 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import fura  # noqa: F401  (registers the PEFT method)
 from fura import FuraConfig
 
 ADAPTERS = ("a1", "a2", "a3", "a4")  # not substrings of the "fura_" prefix

@@ -23,6 +23,7 @@ relative error of the hidden states themselves.
 
 from __future__ import annotations
 
+import fura  # noqa: F401  # isort: skip  (first: it quiets a bitsandbytes import notice before peft imports it)
 import argparse
 import copy
 import importlib.util
