@@ -322,16 +322,16 @@ class _FuraTransform(torch.autograd.Function):
         x, basis, sigma, core = ctx.saved_tensors
         n, b, _ = basis.shape
         dtype = ctx.compute_dtype
-        transform = block_transform(basis, core, sigma)
+        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
         grad = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         grad_x = grad_basis = grad_sigma = grad_core = None
         if ctx.needs_input_grad[0]:
-            grad_x = _block_matmul(grad, transform.to(dtype), transpose=ctx.transpose).reshape(x.shape).to(x.dtype)
+            transform = torch.bmm(scaled, core).to(dtype)  # M, recomputed rather than saved
+            grad_x = _block_matmul(grad, transform, transpose=ctx.transpose).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # y_j = x_j · W_j with W_j = M_jᵀ (or M_j with transpose): dL/dW_j = x_jᵀ g_j.
             grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(core.dtype)
             grad_m = grad_w if ctx.transpose else grad_w.transpose(1, 2)
-            scaled = basis if sigma is None else basis * sigma.unsqueeze(1)
             if ctx.needs_input_grad[3]:
                 grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
             if sigma is not None and ctx.needs_input_grad[2]:
