@@ -46,3 +46,24 @@ def test_autograd_saves_nothing_new():
         blocks.apply_fura_transform(x, basis, s, core)
     persistent = {t.untyped_storage().data_ptr() for t in (x, basis, s, core)}
     assert saved and all(t.untyped_storage().data_ptr() in persistent for t in saved)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_autocast_runs_the_products_in_its_dtype(transpose):
+    """Under bf16 autocast the transform computes and returns bf16, as any matmul would, and its gradients stay fp32."""
+    x, basis, s, core = (t.detach().float() for t in _inputs(True))
+    x.requires_grad_(True)
+    core.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = blocks.apply_fura_transform(x, basis, s, core, transpose)
+    assert y.dtype == torch.bfloat16
+    # Against the fp32 product: off by bf16 rounding, i.e. within a few eps_bf16 of the sum of |terms|, and not exact.
+    transform = blocks.block_transform(basis, core, s)
+    pattern = "tnk,nkc->tnc" if transpose else "tnk,nck->tnc"
+    expected = torch.einsum(pattern, x.reshape(-1, 3, 4), transform).reshape(x.shape)
+    magnitudes = blocks.block_transform(basis.abs(), core.abs(), s.abs())  # |B|·|S|·|R|: M is rounded too
+    terms = torch.einsum(pattern, x.abs().reshape(-1, 3, 4), magnitudes).reshape(x.shape)
+    error = (y.float() - expected).abs()
+    assert (error <= 4 * 2**-8 * terms).all() and error.max() > 0
+    y.float().sum().backward()
+    assert x.grad.dtype == core.grad.dtype == torch.float32

@@ -299,6 +299,14 @@ def _block_gram(x: torch.Tensor, grad: torch.Tensor, n: int, b: int) -> torch.Te
     return torch.bmm(_blocks_first(x, n, b).transpose(1, 2), _blocks_first(grad, n, b))
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on ``x`` in: its lower precision when enabled, else ``x``'s own."""
+    kind = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 class _FuraTransform(torch.autograd.Function):
     """``y = x · blockdiag(M)ᵀ`` (or ``x · blockdiag(M)``) with ``M = B·diag(σ)·R``, in one autograd node.
 
@@ -309,7 +317,8 @@ class _FuraTransform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, basis, sigma, core, transpose: bool):
         transform = block_transform(basis, core, sigma)
-        flat = x.reshape(-1, x.shape[-1])
+        # Autocast does not cast a product written through out=, so cast here as it would.
+        flat = x.reshape(-1, x.shape[-1]).to(_autocast_dtype(x))
         # y_j = M_j x_j as rows: x_j · M_jᵀ; with transpose, y_j = M_jᵀ x_j, i.e. x_j · M_j.
         y = _block_matmul(flat, transform.to(flat.dtype), transpose=not transpose)
         ctx.save_for_backward(x, basis, sigma, core)
