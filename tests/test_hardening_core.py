@@ -256,6 +256,23 @@ def test_non_finite_adapter_is_not_merged(tmp_path):
     assert torch.equal(layer.get_base_layer().weight, weight)
 
 
+def test_non_finite_adapter_is_refused_by_the_layer_and_the_vllm_dense_sync():
+    """A direct ``FuraLayer.merge``, ``get_delta_weight`` and the QFuRA vLLM sync refuse too, and change nothing."""
+    from fura.vllm_sync import dense_named_weights
+
+    model = _nan_adapter()
+    before = _state(model)
+    layer = model.base_model.model.model.layers[1].mlp.up_proj
+    for call in (layer.merge, lambda: layer.get_delta_weight("default")):
+        with pytest.raises(NonFiniteAdapterError, match=r"cannot merge adapter 'default': fura_core\.default holds 1"):
+            call()
+    assert not layer.merged
+    weights = dense_named_weights(model)
+    with pytest.raises(NonFiniteAdapterError, match=r"cannot sync adapter 'default': .*up_proj\.fura_core"):
+        next(weights)  # the first weight is refused: nothing reaches vLLM
+    _assert_same(model, before)
+
+
 def test_config_values_are_strict():
     with pytest.raises(UserError, match="init_weights must be True or False, got 'no'"):
         FuraConfig(init_weights="no")

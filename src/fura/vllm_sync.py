@@ -22,6 +22,7 @@ from torch import nn
 from trl.generation.vllm_generation import VLLMGeneration
 
 from fura.tuner import FuraConfig, FuraLayer
+from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def dense_named_weights(model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
     sends for a model that it can merge.
     """
     fura_of_base = {id(layer.get_base_layer()): layer for layer in model.modules() if isinstance(layer, FuraLayer)}
+    for adapter_name in model.active_adapters:  # before the first weight leaves: vLLM gets all of them or none
+        refuse_non_finite(adapter_tensors(model, adapter_name), adapter_name, "sync")
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
