@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model
 from transformers import TrainerCallback
 
 from fura import FuraConfig, count_trainable_parameters
@@ -229,3 +230,43 @@ def test_dry_run_checks_the_data_as_the_run_would(workspace, tmp_path):
     with pytest.raises(DataFormatError, match=r"nowhere\.png"):
         vlm.run(recipe, dry_run=True)
     assert not (tmp_path / "o" / "run.json").exists()
+
+
+def test_head_blocks_come_from_each_towers_config():
+    """block_shape='head' on Llava: language-model layers split by text_config's heads, CLIP's by vision_config's."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=63))
+    config = FuraConfig(
+        target_modules=["q_proj", "k_proj", "o_proj"], decomp_mode={"o": "input_one_block"}, block_shape="head"
+    )
+    peft_model = get_peft_model(model, config)
+    blocks = {
+        name.removeprefix("base_model.model.model."): (
+            layer.fura_spec["default"].n_blocks,
+            layer.fura_spec["default"].block_size,
+        )
+        for name, layer in peft_model.named_modules()
+        if isinstance(layer, FuraLayer)
+    }
+    # The split side is hidden: 2 heads × 32 in the language model, 4 × 8 in CLIP (which has out_proj, not o_proj).
+    expected = {"language_model": (2, 32), "vision_tower": (4, 8)}
+    assert {name: expected[name.split(".")[0]] for name in blocks} == blocks
+    assert sorted(blocks) == [
+        "language_model.layers.0.self_attn.k_proj",
+        "language_model.layers.0.self_attn.o_proj",
+        "language_model.layers.0.self_attn.q_proj",
+        "vision_tower.encoder.layers.0.self_attn.k_proj",
+        "vision_tower.encoder.layers.0.self_attn.q_proj",
+    ]

@@ -83,10 +83,33 @@ def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[s
     return ("core" if side == core_side else "basis"), False
 
 
+# Where a composite model (Llava, Qwen2-VL, …) keeps each tower's config, and the module names of that tower.
+_TOWER_CONFIGS = {
+    "text_config": ("language_model", "text_model"),
+    "vision_config": ("vision_tower", "vision_model", "visual"),
+    "audio_config": ("audio_tower", "audio_model"),
+}
+
+
+def attention_config(model_config: dict, module_name: str) -> dict:
+    """The config holding ``module_name``'s attention heads: the model's own, or its tower's in a composite model."""
+    if model_config.get("num_attention_heads"):
+        return model_config
+    parts = set(module_name.split("."))
+    for key, towers in _TOWER_CONFIGS.items():
+        if isinstance(model_config.get(key), dict) and parts & set(towers):
+            return model_config[key]
+    return model_config
+
+
 def _head_split(dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
+    model_config = attention_config(model_config, module_name)
     heads = model_config.get("num_attention_heads")
     if not heads:
-        raise UserError(f"{module_name}: block_shape='head' needs num_attention_heads in the model config")
+        raise UserError(
+            f"{module_name}: block_shape='head' needs num_attention_heads in the model config (or in the config of "
+            "the tower holding this module); use 'closest' or an explicit (n, b) for this module"
+        )
     head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
     kv_heads = model_config.get("num_key_value_heads") or heads
     for count in (heads, kv_heads):
