@@ -170,3 +170,22 @@ def test_sigkill_anywhere_resumes_to_the_same_adapter(workspace):
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-5, atol=1e-6, msg=key)
     moved = load_file(str(out / "checkpoint-2" / ADAPTER))
     assert any(not torch.equal(moved[k], reference[k]) for k in reference)  # training moved the adapter
+
+
+def test_resume_refuses_a_checkpoint_whose_adapter_was_changed(workspace, capsys):
+    """A flipped byte keeps the file's size, so the marker calls the checkpoint complete; the checksum does not."""
+    out = workspace / "flipped"
+    argv = ["train", "--config", str(workspace / "recipe.yaml"), "--output-dir", str(out)]
+    assert main([*argv, "--set", "training.max_steps=2"]) == 0
+    weights = out / "checkpoint-2" / ADAPTER
+    assert guard.is_complete(weights.parent)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main([*argv, "--set", "training.max_steps=4", "--resume"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("fura: error: --resume: "), errors
+    assert f"{weights} does not match the checksum" in errors[0]
+    assert "resume from the checkpoint before it" in errors[0]
+    assert not (out / "checkpoint-4").exists()

@@ -174,15 +174,23 @@ def human_bytes(n: float) -> str:
 
 def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
     """The checkpoint `--resume` continues from: the last complete one in ``output_dir`` (partial ones, left by a
-    kill during a save, are skipped with a warning), or None (logged) if there is none."""
+    kill during a save, are skipped with a warning), or None (logged) if there is none. Its adapters must match
+    their checksums: a damaged one is an error, not a silent resume from changed weights."""
     if not resume:
         return None
     from fura.recipes.guard import last_complete_checkpoint
+    from fura.tuner.checks import AdapterLoadError, verify_saved_adapters
 
     output_dir = Path(output_dir)
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
-    else:
-        logger.info("resuming from %s", checkpoint)
+        return None
+    try:
+        verify_saved_adapters(checkpoint)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(
+            f"--resume: {err} Move {checkpoint} aside to resume from the checkpoint before it."
+        ) from err
+    logger.info("resuming from %s", checkpoint)
     return checkpoint

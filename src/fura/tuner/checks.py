@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import hashlib
 import json
 import logging
@@ -108,6 +109,25 @@ def check_weights_checksum(path: str, expected: str | None) -> str | None:
         f"{weights_path} does not match the checksum saved in {CONFIG_NAME} (SHA-256 {actual[:16]}… instead of "
         f"{expected[:16]}…): the file was damaged or changed after it was saved. The model was left as it was."
     )
+
+
+def verify_saved_adapters(directory: str | os.PathLike) -> None:
+    """Check each adapter saved in ``directory`` (or in a subfolder, one per extra adapter) against its checksum.
+
+    Loading an adapter *into an existing one*, as a Trainer resume does, skips `FuraConfig.from_pretrained`
+    and so its checksum check; this is that check, for a whole checkpoint. Raises AdapterLoadError on a mismatch.
+    """
+    for config_path in sorted(
+        glob.glob(os.path.join(directory, CONFIG_NAME)) + glob.glob(os.path.join(directory, "*", CONFIG_NAME))
+    ):
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                expected = json.load(handle).get("weights_sha256")
+        except (OSError, ValueError, AttributeError) as err:
+            raise AdapterLoadError(f"{config_path} is not a readable JSON object: {err}") from err
+        problem = check_weights_checksum(os.path.dirname(config_path), expected)
+        if problem:
+            raise AdapterLoadError(problem)
 
 
 def validate_adapter_state(
