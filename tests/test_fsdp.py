@@ -96,14 +96,22 @@ def losses(out: Path) -> list[float]:
 def test_shipped_accelerate_fsdp_config_trains_and_saves_like_one_process(recipe_path, tmp_path):
     assert main(["train", "--config", str(recipe_path), "--output-dir", str(tmp_path / "one")]) == 0
     state = tmp_path / "state"
+    dataset = tmp_path / "dataset"
+    (dataset / "boolq").mkdir(parents=True)
+    task = [{"instruction": "Is a before b?", "input": "", "output": "the correct answer is true", "answer": "true"}]
+    (dataset / "boolq" / "test.json").write_text(json.dumps(task))
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)),
         *("--num_processes", "2", "--mixed_precision", "no", str(TESTS / "accelerate_cpu_fsdp.py")),
         *("fura.cli", "train", "--config", str(recipe_path), "--output-dir", str(tmp_path / "two")),
-        *("--set", "training.per_device_train_batch_size=4"),
+        *("--set", "training.per_device_train_batch_size=4", "--set", f"eval.dataset_dir={dataset}"),
     ]
     done = subprocess.run(
-        command, env={**ENV, "FURA_TEST_STATE": str(state)}, capture_output=True, text=True, timeout=240
+        command,
+        env={**ENV, "FURA_TEST_STATE": str(state), "COLUMNS": "400"},
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):  # accelerate ran its FSDP2 plugin on both processes
@@ -114,3 +122,10 @@ def test_shipped_accelerate_fsdp_config_trains_and_saves_like_one_process(recipe
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 3 and two == pytest.approx(one, rel=1e-4)
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    # Generating on rank 0 alone from a sharded model would hang: the evaluation is skipped, saying how to run it.
+    logged = " ".join(done.stderr.split())
+    assert (
+        "eval: skipped after training, because FSDP/ZeRO-3" in logged
+        and f"fura eval commonsense --model {tmp_path / 'two'}`" in logged
+    )
+    assert "commonsense" not in json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]

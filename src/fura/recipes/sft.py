@@ -177,6 +177,7 @@ def run(
     model is evaluated with the commonsense protocol and the accuracies go into run.json.
     """
     from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from fura.data.commonsense import build_datasets
     from fura.recipes import guard
@@ -227,6 +228,14 @@ def run(
             len(val_ds) if val_ds is not None else 0,
         )
         return summary
+    eval_cfg = recipe.get("eval")
+    if eval_cfg and (trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+        logger.warning(
+            "eval: skipped after training, because FSDP/ZeRO-3 shard the weights that generating on one process "
+            "needs; evaluate the saved model afterwards with `fura eval commonsense --model %s`",
+            output_dir,
+        )
+        eval_cfg = None
     checkpoint = resume_checkpoint(output_dir, resume)
     with PeakMemory() as memory:
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -236,8 +245,8 @@ def run(
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if losses:
         metrics["final_logged_loss"] = losses[-1]
-    if args.should_save and recipe.get("eval"):
-        accuracy = evaluate_after_training(trainer.model, tokenizer, recipe["eval"])
+    if args.should_save and eval_cfg:
+        accuracy = evaluate_after_training(trainer.model, tokenizer, eval_cfg)
         if accuracy is not None:
             metrics["commonsense"] = accuracy
     save_and_report(trainer, recipe, tokenizer, summary, metrics, checkpoint, memory, start, nonfinite.skipped_steps)
