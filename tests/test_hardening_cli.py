@@ -100,6 +100,16 @@ def test_bad_method_args_and_training_guard_are_one_line(capsys, workspace):
     assert "training_guard.nonfinite must be one of ['error', 'skip'], got 'ignore'" in line
 
 
+def test_bad_eval_section_fails_before_training(capsys, workspace, tmp_path):
+    """It used to fail only after training, when the evaluation started."""
+    argv = ["train", "--config", str(workspace / "recipe.yaml"), "--output-dir", str(tmp_path / "out")]
+    line = user_error(capsys, [*argv, "--set", f"eval.dataset_dir={tmp_path}", "--set", "eval.temprature=0"])
+    assert "unknown eval keys ['temprature']" in line and "temperature" in line
+    line = user_error(capsys, [*argv, "--set", "eval.tasks=[boolq]"])
+    assert "eval must be a mapping with dataset_dir" in line
+    assert not (tmp_path / "out").exists()  # nothing trained
+
+
 def test_missing_model_path_says_it_does_not_exist(capsys, workspace):
     argv = ["train", "--config", str(workspace / "recipe.yaml"), "--model", "/tmp/does/not/exist", "--dry-run"]
     line = user_error(capsys, argv)

@@ -105,6 +105,27 @@ def build_model(recipe: dict[str, Any]):
     return tokenizer, model
 
 
+def check_eval_config(recipe: dict[str, Any]) -> None:
+    """Refuse a bad ``eval`` section before training, not after it: it needs dataset_dir, and only known keys."""
+    import dataclasses
+
+    from fura.evaluation.commonsense import GenerationSettings
+
+    eval_cfg = recipe.get("eval")
+    if not eval_cfg:
+        return
+    source = recipe.get("_source", "")
+    if not isinstance(eval_cfg, dict) or "dataset_dir" not in eval_cfg:
+        raise RecipeError(f"recipe {source}: eval must be a mapping with dataset_dir (and optional settings)")
+    known = {f.name for f in dataclasses.fields(GenerationSettings)}
+    unknown = set(eval_cfg) - known - {"dataset_dir", "tasks", "limit", "batch_size", "answer_patterns"}
+    if unknown:
+        raise RecipeError(
+            f"recipe {source}: unknown eval keys {sorted(unknown)}; known: {sorted(known)} and "
+            "dataset_dir, tasks, limit, batch_size, answer_patterns"
+        )
+
+
 def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The commonsense protocol on the trained model when ``eval.dataset_dir`` exists (else None, logged)."""
     import dataclasses
@@ -126,9 +147,6 @@ def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[
         )
         return None
     known = {f.name for f in dataclasses.fields(GenerationSettings)}
-    unknown = set(eval_cfg) - known - {"dataset_dir", "tasks", "limit", "batch_size", "answer_patterns"}
-    if unknown:
-        raise RecipeError(f"unknown eval keys {sorted(unknown)}")
     tasks = eval_cfg.get("tasks") or discover_tasks(dataset_dir)
     data = {task: load_task(dataset_dir, task, eval_cfg.get("limit")) for task in tasks}
     patterns = answer_patterns(data, eval_cfg.get("answer_patterns"), dataset_dir)
@@ -191,6 +209,7 @@ def run(
     if unknown:
         raise RecipeError(f"recipe {recipe.get('_source', '')}: unknown data_args {sorted(unknown)}")
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
+    check_eval_config(recipe)  # so does a bad eval section
     if not recipe.get("data"):
         raise RecipeError(f"recipe {recipe.get('_source', '')}: missing 'data' (a JSON/JSONL file or datasets id)")
     tokenizer, model = build_model(recipe)
