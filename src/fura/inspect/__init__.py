@@ -18,6 +18,13 @@ a few copies of the largest layer whatever the model size. ``docs/inspect.md`` e
     report = inspect_update("runs/fura")              # base from run.json / adapter_config.json
     print(summary_row(report))                        # the one-line summary the quickstart prints
     report.save("inspect.json")
+
+The package reads, measures, then reports; each step is a module whose public names are re-exported here:
+
+- :mod:`fura.inspect.sources`: `resolve_source` (the kind and the base) and `layer_updates` (``W0``, ``ΔW``).
+- :mod:`fura.inspect.measures`: `measure` per layer, and `inspect_update`, which returns an `InspectReport`.
+- :mod:`fura.inspect.report`: rich tables (`summary_row`, `summary_table`, …) and `plot_report`'s PNGs.
+- :mod:`fura.inspect.cli`: ``fura inspect``'s `add_arguments` and `run`.
 """
 
 from __future__ import annotations

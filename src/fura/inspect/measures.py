@@ -110,7 +110,7 @@ def _split_name(name: str) -> tuple[int | None, str]:
 
 
 def measure(update: LayerUpdate, rank_eps: float = RANK_EPS) -> LayerRecord:
-    """Every measure of one layer update (see the module docstring and docs/inspect.md)."""
+    """Every measure of one layer update (see the `fura.inspect` docstring and docs/inspect.md)."""
     base, delta = update.base, update.delta
     out_features, in_features = base.shape
     sv_delta = torch.linalg.svdvals(delta)
