@@ -16,7 +16,7 @@ FuRA's ``W`` is rebuilt from the adapter tensors with `fura.blocks` (the tuner's
 a few copies of the largest layer whatever the model size. ``docs/inspect.md`` explains each measure.
 
     report = inspect_update("runs/fura")              # base from run.json / adapter_config.json
-    print(summary_row(report))                        # the one-line summary the quickstart prints
+    print(summary_row(report))                        # one row of the summary table the quickstart prints
     report.save("inspect.json")
 
 The package reads, measures, then reports; each step is a module whose public names are re-exported here:

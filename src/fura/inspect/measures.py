@@ -145,7 +145,7 @@ def measure(update: LayerUpdate, rank_eps: float = RANK_EPS) -> LayerRecord:
     )
 
 
-# --------------------------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------------ the report of one update
 @dataclass
 class InspectReport:
     """Per-layer records of one update and their summary; ``to_dict`` is what inspect.json holds."""
