@@ -201,14 +201,18 @@ def refuse_non_finite(tensors: Iterable[tuple[str, torch.Tensor]], adapter_name:
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of one adapter in ``model`` (any PEFT tuner layer, and modules_to_save copies), by full name."""
+    """Every tensor of one adapter in ``model`` (any PEFT tuner layer, and modules_to_save copies), by full name.
+
+    ``model`` may also be a single tuner layer; its tensors are then named from the layer (``fura_core.<adapter>``).
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
     for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, param in module.modules_to_save[adapter_name].named_parameters():
-                yield f"{name}.modules_to_save.{adapter_name}.{key}", param
+                yield f"{prefix}modules_to_save.{adapter_name}.{key}", param
             continue
         if not isinstance(module, BaseTunerLayer):
             continue
@@ -218,10 +222,10 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, 
                 continue
             item = container[adapter_name]
             if isinstance(item, torch.Tensor):
-                yield f"{name}.{attr}.{adapter_name}", item
+                yield f"{prefix}{attr}.{adapter_name}", item
             elif isinstance(item, nn.Module):
                 for key, param in item.named_parameters():
-                    yield f"{name}.{attr}.{adapter_name}.{key}", param
+                    yield f"{prefix}{attr}.{adapter_name}.{key}", param
 
 
 # Heads that PEFT adds to modules_to_save for a task type, whichever of them the model has.

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from fura import blocks
 from fura.errors import UserError
-from fura.tuner.checks import refuse_non_finite
+from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ class FuraLayer(BaseTunerLayer):
         adapter_names = [name for name in adapter_names if name in self.fura_spec]
         self._check_explicit_alone(adapter_names)
         for name in adapter_names:  # every merge and dense export comes through here: none takes a NaN
-            refuse_non_finite(self._adapter_tensors(name), name, "merge")
+            refuse_non_finite(adapter_tensors(self, name), name, "merge")
         for name in adapter_names:
             spec = self.fura_spec[name]
             if spec.explicit:  # computed in the merge's precision, whatever the adapter's dtype
@@ -324,14 +324,6 @@ class FuraLayer(BaseTunerLayer):
             else:
                 weight = blocks.merge_into(weight.T, m).T
         return weight
-
-    def _adapter_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-        """This layer's trainable tensors of one adapter, named ``fura_core.<adapter>`` and so on."""
-        return [
-            (f"{attr}.{adapter_name}", getattr(self, attr)[adapter_name])
-            for attr in self.adapter_layer_names
-            if adapter_name in getattr(self, attr)
-        ]
 
     # ------------------------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
