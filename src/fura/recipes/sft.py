@@ -105,6 +105,10 @@ def build_model(recipe: dict[str, Any]):
     return tokenizer, model
 
 
+# The eval section's own keys; the others are GenerationSettings fields.
+EVAL_KEYS = ("dataset_dir", "tasks", "limit", "batch_size", "answer_patterns")
+
+
 def check_eval_config(recipe: dict[str, Any]) -> None:
     """Refuse a bad ``eval`` section before training, not after it: it needs dataset_dir, and only known keys."""
     import dataclasses
@@ -118,11 +122,10 @@ def check_eval_config(recipe: dict[str, Any]) -> None:
     if not isinstance(eval_cfg, dict) or "dataset_dir" not in eval_cfg:
         raise RecipeError(f"recipe {source}: eval must be a mapping with dataset_dir (and optional settings)")
     known = {f.name for f in dataclasses.fields(GenerationSettings)}
-    unknown = set(eval_cfg) - known - {"dataset_dir", "tasks", "limit", "batch_size", "answer_patterns"}
+    unknown = set(eval_cfg) - known - set(EVAL_KEYS)
     if unknown:
         raise RecipeError(
-            f"recipe {source}: unknown eval keys {sorted(unknown)}; known: {sorted(known)} and "
-            "dataset_dir, tasks, limit, batch_size, answer_patterns"
+            f"recipe {source}: unknown eval keys {sorted(unknown)}; known: {sorted(known)} and {', '.join(EVAL_KEYS)}"
         )
 
 
