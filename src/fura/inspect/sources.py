@@ -301,11 +301,7 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
     from fura.tuner.layer import EXPLICIT, FRAME_OUTPUT
     from fura.tuner.model import layer_spec
 
-    try:
-        config = FuraConfig.from_pretrained(str(source.path))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{source.path / ADAPTER_CONFIG}: not a valid FuRA config ({err})") from err
-    adapter = _adapter_store(source.path)
+    config, adapter = _read_adapter(source.path, FuraConfig, "FuRA")
     keys = adapter.keys()
     modules = _modules_with(keys, (".fura_core", ".fura_left", ".fura_right"))
 
@@ -352,7 +348,12 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
     return modules, updates()
 
 
-def _adapter_store(path: Path) -> _TensorStore:
+def _read_adapter(path: Path, config_class: type, kind: str) -> tuple[Any, _TensorStore]:
+    """An adapter directory's PEFT config (``config_class``) and its safetensors weights, never a pickle."""
+    try:
+        config = config_class.from_pretrained(str(path))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path / ADAPTER_CONFIG}: not a valid {kind} config ({err})") from err
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (path / n).is_file()]
@@ -362,7 +363,7 @@ def _adapter_store(path: Path) -> _TensorStore:
             else ""
         )
         raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{hint}")
-    return _TensorStore([weights], f"adapter {path}")
+    return config, _TensorStore([weights], f"adapter {path}")
 
 
 def _lora_updates(source: UpdateSource, reader: _Reader, block_config: Any) -> tuple[list[str], Iterator[LayerUpdate]]:
@@ -370,11 +371,7 @@ def _lora_updates(source: UpdateSource, reader: _Reader, block_config: Any) -> t
     from peft import LoraConfig
     from peft.utils.other import get_pattern_key
 
-    try:
-        config = LoraConfig.from_pretrained(str(source.path))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{source.path / ADAPTER_CONFIG}: not a valid LoRA config ({err})") from err
-    adapter = _adapter_store(source.path)
+    config, adapter = _read_adapter(source.path, LoraConfig, "LoRA")
     keys = adapter.keys()
     if any("lora_magnitude_vector" in key for key in keys) or config.use_dora:
         raise UserError(f"{source.path}: a DoRA adapter; fura inspect reads plain LoRA (DoRA rescales W0 too)")
