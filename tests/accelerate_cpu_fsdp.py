@@ -5,7 +5,7 @@ back to plain data parallelism. This shim makes the launched process report a GP
 type with the gloo backend on the CPU device, so that the shipped FSDP config's plugin (fully_shard,
 auto-wrap, state-dict gathering) runs unchanged. Usage, as a module under ``accelerate launch``::
 
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \\
+    accelerate launch --config_file "$(fura recipes path accelerate/fsdp)" --num_processes 2 \\
         tests/accelerate_cpu_fsdp.py fura.cli train --config ...
 """
 

@@ -212,7 +212,7 @@ def llama_dir(tmp_path_factory):
 
 
 def test_qfura_recipe_trains_bf16_adapters(llama_dir, ids):
-    recipe = load_recipe("configs/qfura/qfura.yaml")
+    recipe = load_recipe("qfura/qfura")
     assert recipe["method_args"] == {"autocast_adapter_dtype": False}  # the paper's bf16 R and S
     base = methods.load_model(llama_dir, "qfura", compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
     assert quant.is_4bit(base)

@@ -10,9 +10,10 @@ import pytest
 from conftest import save_tiny_llama_dir
 from fura.methods import METHODS
 from fura.recipes import sft
+from fura.recipes.catalog import RECIPE_DIR
 from fura.recipes.config import load_recipe
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPE_DIR
 TRACK1 = sorted((CONFIGS / "commonsense").glob("*.yaml"))
 TRACK4 = sorted((CONFIGS / "qfura").glob("*.yaml"))
 

@@ -1,7 +1,7 @@
 """FSDP2 (and ZeRO-3) on CPU: FuRA sharded over 2 gloo processes trains and saves as one process does.
 
 Two routes: torch's own ``fully_shard`` (tests/fsdp_worker.py under torchrun), and the shipped
-accelerate config (configs/accelerate/fsdp.yaml) driving ``fura train`` through the Trainer. On CPU
+accelerate config (the shipped accelerate/fsdp) driving ``fura train`` through the Trainer. On CPU
 accelerate would fall back to plain data parallelism, so tests/accelerate_cpu_fsdp.py makes it take
 its FSDP path with gloo; the config itself is used unchanged apart from ``--mixed_precision no``.
 """
@@ -24,9 +24,10 @@ import fsdp_worker
 from conftest import DECODER_TARGETS, tiny_llama, write_ordering_recipe
 from fura.cli import main
 from fura.methods import method_config
+from fura.recipes.catalog import RECIPE_DIR
 
 TESTS = Path(__file__).parent
-CONFIG = TESTS.parent / "configs" / "accelerate" / "fsdp.yaml"
+CONFIG = RECIPE_DIR / "accelerate" / "fsdp.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
 
 

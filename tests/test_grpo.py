@@ -22,7 +22,7 @@ from fura.data.math import format_prompt
 from fura.recipes import grpo
 from fura.recipes.config import RecipeError, load_recipe
 
-CONFIG = "configs/rl/fura.yaml"
+CONFIG = "rl/fura"
 PAPER_METHODS = ("fura", "lora", "dora", "svd", "full", "qfura")
 
 
@@ -122,7 +122,7 @@ def test_mean_reward_rises(task, tmp_path):
 
 @pytest.mark.parametrize("method", PAPER_METHODS)
 def test_configs_express_the_paper_recipe(method):
-    recipe = load_recipe(f"configs/rl/{method}.yaml", sets=["training.bf16=false"])  # bf16 needs a GPU
+    recipe = load_recipe(f"rl/{method}", sets=["training.bf16=false"])  # bf16 needs a GPU
     args = grpo.grpo_config(recipe)
     assert recipe["method"] == method and recipe["track"] == "math_rl"
     completions = args.per_device_train_batch_size * args.gradient_accumulation_steps

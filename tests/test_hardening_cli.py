@@ -65,13 +65,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
-    assert re.fullmatch(r"fura \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"fura \d+\.\d+\.\d+\S*, torch \S+, transformers \S+, peft \S+, trl \S+\n", out), out
 
 
 def test_missing_config_and_bad_flag_are_one_line(capsys, tmp_path):
     assert user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")]).endswith(
         f"recipe {tmp_path / 'nope.yaml'} does not exist"
     )
+    line = user_error(capsys, ["train", "--config", "commonsens/fura"])
+    assert "neither a file nor a shipped recipe" in line and "commonsense/fura" in line
     with pytest.raises(SystemExit) as exit_:
         main(["train"])
     err = capsys.readouterr().err

@@ -15,12 +15,13 @@ from fura import FuraConfig, count_trainable_parameters
 from fura.cli import main
 from fura.data.commonsense import DataFormatError
 from fura.recipes import vlm
+from fura.recipes.catalog import RECIPE_DIR
 from fura.recipes.config import load_recipe
 from fura.tuner.layer import FuraLayer
 from fura.vlm import LANGUAGE_MODEL_TARGETS
 from vlm_tiny import colour_accuracy, write_colour_data, write_tiny_llava
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vlm"
+CONFIGS = RECIPE_DIR / "vlm"
 DECODER_7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # CPU settings for the tiny model: fp32, no checkpointing, a learning rate a toy learns from in 24 steps
 CPU = [
@@ -162,7 +163,7 @@ def test_only_language_model_wrapped_projector_at_its_own_lr_vision_frozen(works
 
 
 def test_train_export_answers_the_toy_better(workspace, tmp_path):
-    """Done-when: `fura train --config configs/vlm/fura.yaml` on CPU, `fura export`, and the exported Llava
+    """Done-when: `fura train --config vlm/fura` on CPU, `fura export`, and the exported Llava
     answers held-out colour questions better than the starting model; the export is the trained model exactly."""
     from peft import PeftModel
     from PIL import Image

@@ -1,7 +1,8 @@
 """The `fura` command. Each subcommand is a thin adapter over a module that does the work.
 
     fura quickstart                       the README's main job: an end-to-end demo with no downloads
-    fura train --config CONFIG [opts]     a recipe (commonsense SFT, QFuRA, GRPO math RL) from YAML
+    fura train --config CONFIG [opts]     a recipe (commonsense SFT, QFuRA, GRPO math RL, VLM): shipped name or YAML
+    fura recipes [cp NAME DEST | path NAME]  the recipes that ship with fura
     fura eval commonsense|math [opts]     the paper's evaluation protocols
     fura export [opts]                    a merged dense model, for transformers or vLLM
 
@@ -32,7 +33,8 @@ console = Console(stderr=True)
 # subcommand -> (module, help). "eval" has its own sub-subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("fura.quickstart", "run the end-to-end demo on an embedded default (no downloads)"),
-    "train": ("fura.recipes.train", "train with a recipe config (YAML) and command-line overrides"),
+    "train": ("fura.recipes.train", "train with a recipe (a shipped name or a YAML file) and command-line overrides"),
+    "recipes": ("fura.recipes.cli", "list the shipped recipes, copy one out to edit, or print its path"),
     "export": ("fura.export", "merge an adapter into its base model and save a dense model"),
     "inspect": ("fura.inspect", "see what an adapter or fine-tune did to each layer's spectrum"),
     "vlm": ("fura.vlm.cli", "visual instruction tuning tools: assemble the LLaVA-1.5 starting model"),
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fura import __version__
 
     parser = _Parser(prog="fura", description="FuRA: full-rank PEFT with spectral preconditioning")
-    parser.add_argument("--version", action="version", version=f"fura {__version__}")
+    parser.add_argument("--version", action="version", version=_version_line(__version__))
     _add_debug_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
@@ -84,6 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in EVALS.items():
         _add_module_parser(eval_sub, name, module, help_text)
     return parser
+
+
+def _version_line(fura_version: str) -> str:
+    """fura's version and those of the libraries it runs on: the first thing a bug report needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"fura {fura_version}"]
+    for name in ("torch", "transformers", "peft", "trl"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from fura.errors import UserError
+from fura.recipes.catalog import resolve
 
 TRACKS = {"commonsense": "fura.recipes.sft", "math_rl": "fura.recipes.grpo", "vlm": "fura.recipes.vlm"}
 
@@ -65,8 +66,9 @@ def set_key(recipe: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> dict:
-    """Read a recipe YAML, then apply the shorthand ``overrides`` and the ``key.path=value`` strings in ``sets``."""
-    path = Path(path)
+    """Read a recipe (a YAML path, or a shipped name such as ``commonsense/fura``), then apply the shorthand
+    ``overrides`` and the ``key.path=value`` strings in ``sets``."""
+    path = resolve(path)
     try:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:

@@ -1,6 +1,6 @@
 """Track 2: GRPO math RL on TRL's `GRPOTrainer`, with any method of `fura.methods` (FuRA by default).
 
-A recipe (``configs/rl/*.yaml``) names the model, the method and its overrides (``method_args``),
+A recipe (``fura recipes`` lists the ``rl/*`` ones) names the model, the method and its overrides (``method_args``),
 the MATH training data, and a ``training`` mapping that is passed to `trl.GRPOConfig` as is. The
 paper's recipe is expressed entirely through GRPOConfig knobs (see docs/math_rl.md for the
 mapping). Extra keys of this track:

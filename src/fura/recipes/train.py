@@ -9,7 +9,9 @@ from fura.recipes.config import SHORTHANDS, TRACKS, load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/commonsense/fura.yaml")
+    parser.add_argument(
+        "--config", required=True, help="a shipped recipe such as commonsense/fura (see `fura recipes`) or a YAML path"
+    )
     parser.add_argument("--model", help="base model: hub id or local path")
     parser.add_argument("--data", help="training data: local JSON/JSONL file or datasets id")
     parser.add_argument("--method", help="fura, lora, dora, pissa, milora, svd, full, qfura, qlora, qdora")

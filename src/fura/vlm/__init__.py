@@ -2,7 +2,7 @@
 
 - :mod:`fura.vlm.assemble`: the starting model from its three parts (Vicuna, CLIP, the stage-1 projector).
 - :mod:`fura.vlm.data`: ``llava_v1_5_mix665k.json`` records, the ``vicuna_v1`` template, labels, images.
-- :mod:`fura.recipes.vlm`: ``fura train --config configs/vlm/<method>.yaml``.
+- :mod:`fura.recipes.vlm`: ``fura train --config vlm/<method>``.
 
 Only the names below are imported here, so ``import fura.vlm`` stays light.
 """

@@ -258,5 +258,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     path = assemble(args.language_model, args.vision_tower, args.projector, args.output, args.dtype, args.seed)
-    Console().print(f"[green]LLaVA starting model saved to {path}[/green]; train it with configs/vlm/*.yaml")
+    Console().print(
+        f"[green]LLaVA starting model saved to {path}[/green]; train it with `fura train --config vlm/fura`"
+        " (`fura recipes` lists the others)"
+    )
     return 0

@@ -1,4 +1,4 @@
-"""`fura vlm …`: tools of the visual instruction tuning track (training itself is `fura train --config configs/vlm/…`).
+"""`fura vlm …`: tools of the visual instruction tuning track (training itself is `fura train --config vlm/…`).
 
 fura vlm assemble --language-model DIR --vision-tower DIR --projector mm_projector.bin --output DIR
 """
