@@ -40,7 +40,6 @@ def run_benchmark(name: str, tmp_path: Path) -> dict:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernels-community" not in done.stdout + done.stderr  # fura is imported before bitsandbytes speaks
     return json.loads(out.read_text())
 
 
