@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -286,22 +285,3 @@ def _merge_fura_layers(work: PeftModel, dtype: torch.dtype) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
     return dequantize_linear_layers(model, dtype)
-
-
-def export_dense(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> str:
-    """Save a dense merged model (``dtype``, bf16 by default) that `AutoModelForCausalLM` and vLLM load as-is.
-
-    A 4-bit base is dequantized, the adapters are applied in fp32, and the result is cast once.
-    ``kwargs`` go to ``save_pretrained``. Returns the path.
-    """
-    from fura.methods import merge
-
-    merged = merge(model)
-    dequantize_linear_layers(merged, dtype)  # a no-op unless it is still 4-bit; drops quantization metadata
-    merged = merged.to(dtype)
-    if getattr(merged, "config", None) is not None:
-        merged.config.dtype = dtype
-        merged.config.use_cache = True
-    path = os.fspath(path)
-    merged.save_pretrained(path, **kwargs)
-    return path
