@@ -348,14 +348,14 @@ def load(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A plain model with the trained weights folded in, for inference or export.
 
-    Adapter methods are merged with PEFT's ``merge_and_unload``. A 4-bit base is dequantized first
+    Adapter methods are merged with PEFT's ``merge_and_unload``. A quantized (4- or 8-bit) base is dequantized first
     (into a copy) so the merged weights are exact rather than re-quantized. ``dtype`` casts the result.
     An adapter holding NaN or inf is refused (one NaN in a FuRA core would spread over a whole column).
     """
     if isinstance(model, PeftModel):
         for adapter_name in model.active_adapters:
             refuse_non_finite(adapter_tensors(model, adapter_name), adapter_name, "merge")
-        merged = quant.merge_dequantized(model) if quant.is_4bit(model) else model.merge_and_unload()
+        merged = quant.merge_dequantized(model) if quant.is_quantized(model) else model.merge_and_unload()
     else:
         merged = model
     return merged.to(dtype) if dtype is not None else merged
@@ -364,11 +364,11 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 def export_dense(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> str:
     """Save a dense merged model (``dtype``, bf16 by default) that `AutoModelForCausalLM` and vLLM load as-is.
 
-    A 4-bit base is dequantized, the adapters are applied in fp32, and the result is cast once.
+    A quantized (4- or 8-bit) base is dequantized, the adapters are applied in fp32, and the result is cast once.
     ``kwargs`` go to ``save_pretrained``. Returns the path.
     """
     merged = merge(model)
-    quant.dequantize_linear_layers(merged, dtype)  # a no-op unless it is still 4-bit; drops quantization metadata
+    quant.dequantize_linear_layers(merged, dtype)  # a no-op unless it is still quantized; drops quantization metadata
     merged = merged.to(dtype)
     if getattr(merged, "config", None) is not None:
         merged.config.dtype = dtype
