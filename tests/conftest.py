@@ -14,6 +14,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import fura  # noqa: F401  (registers the PEFT method)
 
+NO_CUDA = "needs a CUDA device; scripts/device_check.sh runs the `cuda` tests on a GPU machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` cannot run without a CUDA device: they are skipped with that reason, never hidden."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

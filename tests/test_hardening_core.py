@@ -231,7 +231,7 @@ def test_non_finite_adapter_is_not_saved(tmp_path):
 
 
 def test_non_finite_adapter_is_not_merged(tmp_path):
-    from fura import methods, quant
+    from fura import methods
 
     model = _nan_adapter()
     before = _state(model)
@@ -239,7 +239,7 @@ def test_non_finite_adapter_is_not_merged(tmp_path):
         model.merge_and_unload,
         model.merge_adapter,
         lambda: methods.merge(model),
-        lambda: quant.export_dense(model, tmp_path / "dense"),
+        lambda: methods.export_dense(model, tmp_path / "dense"),
     ):
         with pytest.raises(NonFiniteAdapterError, match=r"cannot merge adapter 'default': .*up_proj\.fura_core"):
             merge()

@@ -88,7 +88,7 @@ def test_qfura_tiny_llama(llama_dir, ids, tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), trained, atol=1e-5, rtol=0)
 
     # Dense export: dequantize, merge in fp32, save bf16; loads as a plain model.
-    quant.export_dense(model, tmp_path / "dense")
+    methods.export_dense(model, tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert dense.dtype == torch.bfloat16 and not quant.is_4bit(dense)
     assert getattr(dense.config, "quantization_config", None) is None
@@ -148,7 +148,7 @@ def test_qfura_minilm(tmp_path):
     reloaded = methods.load(methods.load_model(path, "qfura", **load), tmp_path / "adapter")
     torch.testing.assert_close(hidden(reloaded), trained, atol=1e-5, rtol=0)
 
-    quant.export_dense(model, tmp_path / "dense")
+    methods.export_dense(model, tmp_path / "dense")
     dense = AutoModel.from_pretrained(tmp_path / "dense")
     assert dense.dtype == torch.bfloat16 and not quant.is_4bit(dense)
     exported = hidden(dense).float()

@@ -50,9 +50,17 @@ def _qfura_model():
     return model
 
 
+def _int8_fura_model():
+    model = methods.build(
+        quant.quantize_linear_layers_8bit(math_tiny.model(len(math_tiny.SPECIALS + math_tiny.WORDS), seed=3)), "fura"
+    )
+    _perturb(model)
+    return model
+
+
 def _merged_params(model) -> dict[str, torch.Tensor]:
     """The reference: a dense model with the adapters merged (a 4-bit base dequantized first), by name."""
-    merged = quant.merge_dequantized(model) if quant.is_4bit(model) else copy.deepcopy(model).merge_and_unload()
+    merged = quant.merge_dequantized(model) if quant.is_quantized(model) else copy.deepcopy(model).merge_and_unload()
     return {name: param.detach() for name, param in merged.named_parameters()}
 
 
@@ -120,8 +128,10 @@ def test_dense_sync_equals_merge_sync_for_fura():
     assert not needs_dense_sync(model)  # the trainer keeps TRL's own sync here
 
 
-def test_qfura_dense_sync_pushes_dequantized_w0m_without_merging():
-    model = _qfura_model()
+# int8 compares in training mode: in eval mode bitsandbytes' int8 matmul also quantizes the activations.
+@pytest.mark.parametrize(("build", "mode"), [(_qfura_model, "eval"), (_int8_fura_model, "train")])
+def test_quantized_dense_sync_pushes_dequantized_w0m_without_merging(build, mode):
+    model = build()
     assert needs_dense_sync(model)
     packed_before = {name: param.detach().clone() for name, param in model.named_parameters()}
 
@@ -137,7 +147,7 @@ def test_qfura_dense_sync_pushes_dequantized_w0m_without_merging():
     dense = math_tiny.model(len(math_tiny.SPECIALS + math_tiny.WORDS), seed=99)
     dense.load_state_dict(dict(pairs), strict=True)
     ids = torch.tensor([[4, 5, 14, 9, 15, 7]])
-    model.eval()
+    getattr(model, mode)()
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -1,7 +1,7 @@
 """`fura export`: fold a trained adapter into its base model and save a dense model (transformers / vLLM ready).
 
 Adapters trained over a 4-bit base (QFuRA, QLoRA, QDoRA) are merged into the *dequantized* NF4 base,
-the function they were trained with, in fp32 (see `fura.quant.export_dense`); others merge into the
+the function they were trained with, in fp32 (see `fura.methods.export_dense`); others merge into the
 base loaded in fp32. The result is cast once, to ``--dtype``.
 """
 
@@ -30,7 +30,7 @@ def export(
     """
     import torch
 
-    from fura import loading, quant
+    from fura import loading, methods
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not loading.is_adapter_dir(adapter_dir):
@@ -43,7 +43,7 @@ def export(
     model, tokenizer = loading.load_for_inference(
         adapter_dir, base_model, dtype=torch.float32, device="cpu", base_4bit=base_4bit
     )
-    quant.export_dense(model, output_dir, dtype=target_dtype)
+    methods.export_dense(model, output_dir, dtype=target_dtype)
     tokenizer.save_pretrained(output_dir)
     logger.info("merged model written to %s (%s)", output_dir, dtype)
     return output_dir

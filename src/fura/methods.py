@@ -38,6 +38,7 @@ from peft.utils import transpose
 from safetensors.torch import save_file
 from torch import nn
 
+from fura import quant
 from fura.functional import count_trainable_parameters, targeted_shapes
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 from fura.tuner.config import FuraConfig
@@ -205,8 +206,6 @@ def build(model: nn.Module, method: str, autocast_adapter_dtype: bool = True, **
     if spec.family == "full":
         model.requires_grad_(True)
         return model
-    from fura import quant
-
     if spec.quantized:
         quant.require_4bit(model, spec.name)
         quant.disable_cpu_weight_packing(model)
@@ -349,19 +348,34 @@ def load(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) 
 def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A plain model with the trained weights folded in, for inference or export.
 
-    Adapter methods are merged with PEFT's ``merge_and_unload``. A 4-bit base is dequantized first
+    Adapter methods are merged with PEFT's ``merge_and_unload``. A quantized (4- or 8-bit) base is dequantized first
     (into a copy) so the merged weights are exact rather than re-quantized. ``dtype`` casts the result.
     An adapter holding NaN or inf is refused (one NaN in a FuRA core would spread over a whole column).
     """
-    from fura import quant
-
     if isinstance(model, PeftModel):
         for adapter_name in model.active_adapters:
             refuse_non_finite(adapter_tensors(model, adapter_name), adapter_name, "merge")
-        merged = quant.merge_dequantized(model) if quant.is_4bit(model) else model.merge_and_unload()
+        merged = quant.merge_dequantized(model) if quant.is_quantized(model) else model.merge_and_unload()
     else:
         merged = model
     return merged.to(dtype) if dtype is not None else merged
+
+
+def export_dense(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> str:
+    """Save a dense merged model (``dtype``, bf16 by default) that `AutoModelForCausalLM` and vLLM load as-is.
+
+    A quantized (4- or 8-bit) base is dequantized, the adapters are applied in fp32, and the result is cast once.
+    ``kwargs`` go to ``save_pretrained``. Returns the path.
+    """
+    merged = merge(model)
+    quant.dequantize_linear_layers(merged, dtype)  # a no-op unless it is still quantized; drops quantization metadata
+    merged = merged.to(dtype)
+    if getattr(merged, "config", None) is not None:
+        merged.config.dtype = dtype
+        merged.config.use_cache = True
+    path = os.fspath(path)
+    merged.save_pretrained(path, **kwargs)
+    return path
 
 
 def load_model(
@@ -381,8 +395,6 @@ def load_model(
 
         model_class = AutoModelForCausalLM
     if spec.quantized:
-        from fura import quant
-
         kwargs.setdefault("quantization_config", quant.nf4_config(compute_dtype))
         kwargs.setdefault("dtype", compute_dtype)
         return quant.disable_cpu_weight_packing(model_class.from_pretrained(name_or_path, **kwargs))

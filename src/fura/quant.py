@@ -1,9 +1,10 @@
-"""QFuRA helpers: 4-bit bases, k-bit training preparation, the optimizer, and dense export.
+"""QFuRA helpers: quantized bases, k-bit training preparation, the optimizer, and the dense merge.
 
 QFuRA is FuRA over a bitsandbytes NF4 base, exactly as QLoRA is LoRA over one. The FuRA layer
 factorizes the *dequantized* weight, so at init the adapted model computes what the NF4 model
 computes; the frozen weight stays NF4 and only R and S train (in fp32, like PEFT's adapters).
-bitsandbytes >= 0.47 runs NF4 on the CPU too, so everything here works without a GPU.
+FP4 and int8 (`Linear8bitLt`) bases work the same way (`fura.bases`). bitsandbytes >= 0.47 runs
+them on the CPU too, so everything here works without a GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +25,7 @@ from peft import (
 )
 from torch import nn
 
+from fura.bases import dequantize_weight, is_bnb_4bit, is_bnb_quantized
 from fura.tuner.config import FuraConfig
 from fura.tuner.layer import FuraLayer
 
@@ -56,13 +57,23 @@ def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
     )
 
 
-def _is_linear4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
-
-
 def is_4bit(model: nn.Module) -> bool:
     """Whether any linear layer of ``model`` is a bitsandbytes 4-bit layer."""
-    return any(_is_linear4bit(module) for module in model.modules())
+    return any(is_bnb_4bit(module) for module in model.modules())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any linear layer of ``model`` is a bitsandbytes 4-bit or 8-bit layer."""
+    return any(is_bnb_quantized(module) for module in model.modules())
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _plain_linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(skip)]
 
 
 def require_4bit(model: nn.Module, method: str) -> None:
@@ -91,10 +102,7 @@ def quantize_linear_layers_4bit(
     _require_bitsandbytes("4-bit quantization")
     import bitsandbytes as bnb
 
-    skip = tuple(skip)
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.endswith(skip):
-            continue
+    for name, module in _plain_linears(model, tuple(skip)):
         device = module.weight.device
         layer = bnb.nn.Linear4bit(
             module.in_features,
@@ -110,9 +118,31 @@ def quantize_linear_layers_4bit(
         ).to(device)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        _set_module(model, name, layer)
     return disable_cpu_weight_packing(model)
+
+
+def quantize_linear_layers_8bit(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every `nn.Linear` of ``model`` (except names ending in ``skip``) by an int8 `Linear8bitLt`, in place.
+
+    What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True))`` does at
+    load time, for a model already in memory. Returns ``model``.
+    """
+    _require_bitsandbytes("8-bit quantization")
+    import bitsandbytes as bnb
+
+    for name, module in _plain_linears(model, tuple(skip)):
+        device = module.weight.device
+        layer = bnb.nn.Linear8bitLt(
+            module.in_features, module.out_features, bias=module.bias is not None, has_fp16_weights=False, device="meta"
+        )
+        # Moving the parameter quantizes it, as bitsandbytes does when a model is put on its device.
+        layer.weight = bnb.nn.Int8Params(module.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        layer.weight = layer.weight.to(device)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        _set_module(model, name, layer)
+    return model
 
 
 def disable_cpu_weight_packing(model: nn.Module) -> nn.Module:
@@ -124,39 +154,29 @@ def disable_cpu_weight_packing(model: nn.Module) -> nn.Module:
     of the quantization block (64). Training never packs; this keeps inference on the same layout.
     """
     for module in model.modules():
-        if _is_linear4bit(module) and getattr(module, "support_avx512bf16_for_cpu", False):
+        if is_bnb_4bit(module) and getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
     return model
 
 
-def dequantize_weight(layer: nn.Module) -> torch.Tensor:
-    """The (out × in) weight of a bitsandbytes `Linear4bit`, dequantized (in its compute dtype's precision)."""
-    import bitsandbytes as bnb
-
-    weight = layer.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):  # undo bitsandbytes' CPU inference layout
-        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
-            weight.data, weight.quant_state
-        )
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-
-
 def dequantize_linear_layers(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every 4-bit linear layer by a dense `nn.Linear` of ``dtype``, and drop the quantization metadata."""
+    """Replace every bitsandbytes 4-bit and 8-bit linear layer by a dense `nn.Linear` of ``dtype``.
+
+    The quantization metadata (config, flags) is dropped too.
+    """
     for name, module in list(model.named_modules()):
-        if not _is_linear4bit(module):
+        if not is_bnb_quantized(module):
             continue
         weight = dequantize_weight(module)
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if module.bias is not None:
             dense.bias = nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        _set_module(model, name, dense)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
-    for attribute in ("hf_quantizer", "is_loaded_in_4bit", "quantization_method"):
+    for attribute in ("hf_quantizer", "is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
         if attribute in vars(model):
             delattr(model, attribute)
     return model
@@ -208,7 +228,7 @@ def resolve_optim(name: str) -> str:
 
 def base_summary(model: nn.Module) -> dict[str, Any]:
     """What an export needs to rebuild the base a run trained on: whether it was 4-bit, and its compute dtype."""
-    layer = next((m for m in model.modules() if _is_linear4bit(m)), None)
+    layer = next((m for m in model.modules() if is_bnb_4bit(m)), None)
     dtype = getattr(layer, "compute_dtype", None) if layer is not None else None
     return {"base_4bit": layer is not None, "base_compute_dtype": str(dtype).removeprefix("torch.") if dtype else None}
 
@@ -278,30 +298,10 @@ def _merge_fura_layers(work: PeftModel, dtype: torch.dtype) -> nn.Module:
         weight = module.merged_weight(module.dense_weight(), active).to(dtype)
         base = module.get_base_layer()
         if module.is_conv1d:
-            raise NotImplementedError("dense export of a 4-bit GPT-2 Conv1D base is not supported")
+            raise NotImplementedError("dense export of a quantized GPT-2 Conv1D base is not supported")
         dense = nn.Linear(module.in_features, module.out_features, bias=base.bias is not None, device="meta")
         dense.weight = nn.Parameter(weight, requires_grad=False)
         if base.bias is not None:
             dense.bias = nn.Parameter(base.bias.data.to(dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        _set_module(model, name, dense)
     return dequantize_linear_layers(model, dtype)
-
-
-def export_dense(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, **kwargs: Any) -> str:
-    """Save a dense merged model (``dtype``, bf16 by default) that `AutoModelForCausalLM` and vLLM load as-is.
-
-    A 4-bit base is dequantized, the adapters are applied in fp32, and the result is cast once.
-    ``kwargs`` go to ``save_pretrained``. Returns the path.
-    """
-    from fura.methods import merge
-
-    merged = merge(model)
-    dequantize_linear_layers(merged, dtype)  # a no-op unless it is still 4-bit; drops quantization metadata
-    merged = merged.to(dtype)
-    if getattr(merged, "config", None) is not None:
-        merged.config.dtype = dtype
-        merged.config.use_cache = True
-    path = os.fspath(path)
-    merged.save_pretrained(path, **kwargs)
-    return path

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
-from peft.utils import resolve_quantization_backend
 from torch import nn
 from trl.generation.vllm_generation import VLLMGeneration
 
+from fura.bases import dequantize_weight, is_bnb_quantized
 from fura.tuner import FuraConfig, FuraLayer
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
@@ -39,10 +39,6 @@ def vllm_name(name: str, prefix: str) -> str | None:
     return name.replace("_checkpoint_wrapped_module.", "").replace("modules_to_save.default.", "")
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    return resolve_quantization_backend(module) is not None
-
-
 def needs_dense_sync(model: nn.Module, peft_config: PeftConfig | None = None) -> bool:
     """Whether a policy is FuRA over a quantized base (QFuRA), which TRL's merge-based sync cannot serve.
 
@@ -50,8 +46,8 @@ def needs_dense_sync(model: nn.Module, peft_config: PeftConfig | None = None) ->
     """
     if isinstance(model, PeftModel):
         layers = [module for module in model.modules() if isinstance(module, FuraLayer)]
-        return any(_is_quantized(layer.get_base_layer()) for layer in layers)
-    return isinstance(peft_config, FuraConfig) and any(_is_quantized(module) for module in model.modules())
+        return any(is_bnb_quantized(layer.get_base_layer()) for layer in layers)
+    return isinstance(peft_config, FuraConfig) and any(is_bnb_quantized(module) for module in model.modules())
 
 
 @torch.no_grad()
@@ -82,8 +78,8 @@ def dense_named_weights(model: PeftModel) -> Iterator[tuple[str, torch.Tensor]]:
                 dense = layer.dense_weight()
                 merged = layer.merged_weight(dense, list(layer.active_adapters)).to(dense.dtype)
                 yield name, merged.T.contiguous() if layer.is_conv1d else merged
-            elif _is_quantized(module):
-                yield name, resolve_quantization_backend(module).get_base_weight(module)
+            elif is_bnb_quantized(module):
+                yield name, dequantize_weight(module)
             else:
                 yield name, param.data
 

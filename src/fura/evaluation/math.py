@@ -207,7 +207,7 @@ def _vllm_generator(model: Any, tokenizer: Any, name: str, dtype: str, workdir: 
     from peft import PeftModel
 
     from fura.loading import torch_dtype
-    from fura.quant import export_dense
+    from fura.methods import export_dense
 
     resolved = torch_dtype(dtype)
     if isinstance(model, PeftModel):

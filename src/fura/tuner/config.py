@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 
 from fura.blocks import FOLD_MODES, KEEP_MODES
 from fura.errors import UserError
-from fura.tuner.registration import FURA_PEFT_TYPE
+from fura.tuner.peft_type import FURA_PEFT_TYPE
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
 TRAIN_POSITIONS = ("small", "large", "both")

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils import resolve_quantization_backend
 from torch import nn
 from torch.nn import functional as F
 
-from fura import blocks
+from fura import bases, blocks
 from fura.errors import UserError
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
@@ -113,17 +112,18 @@ class FuraLayer(BaseTunerLayer):
         self.fura_spec: dict[str, LayerSpec] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self._premerge: tuple[nn.Parameter, torch.Tensor] | None = None
+        self._premerge: dict[str, Any] | None = None  # bases.weight_state of the base before the first merge
         self.kwargs = kwargs
         base = self.get_base_layer()
-        self.quantization_backend = resolve_quantization_backend(base)
+        self.quantization_backend = bases.quantization_backend(base)  # refuses quantizers FuRA does not support
         self.is_conv1d = _is_conv1d(base)
         self.out_features, self.in_features = base_features(base)
 
     # ----------------------------------------------------------------------------------------- weights
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a plain (out × in) tensor, dequantized if the base is quantized."""
-        weight = self.get_base_weight()
+        base = self.get_base_layer()
+        weight = base.weight.data if self.quantization_backend is None else bases.dequantize_weight(base)
         return weight.T if self.is_conv1d else weight
 
     def _frame(self, weight: torch.Tensor, mode: str) -> torch.Tensor:
@@ -340,13 +340,12 @@ class FuraLayer(BaseTunerLayer):
             return
         self._check_explicit_alone(self.merged_adapters + adapter_names)
         base = self.get_base_layer()
-        original = base.weight
         weight = self.dense_weight()
         merged = self.merged_weight(weight, adapter_names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs in the merged weights; the adapter(s) {adapter_names} seem broken")
         if self._premerge is None:
-            self._premerge = (original, original.data)
+            self._premerge = bases.weight_state(base)
         merged = (merged.T if self.is_conv1d else merged).to(weight.dtype).contiguous()
         if self.quantization_backend is not None:
             self.set_base_weight(merged)
@@ -359,10 +358,7 @@ class FuraLayer(BaseTunerLayer):
         if not self.merged:
             logger.warning("Already unmerged. Nothing to do.")
             return
-        param, data = self._premerge
-        base = self.get_base_layer()
-        base.weight = param
-        param.data = data
+        bases.restore_weight_state(self.get_base_layer(), self._premerge)
         self._premerge = None
         self.merged_adapters = []
 

@@ -21,7 +21,6 @@ from fura.tuner.checks import (
     adapter_tensors,
     check_modules_to_save,
     refuse_non_finite,
-    validate_adapter_state,
 )
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
 from fura.tuner.layer import (
@@ -34,6 +33,7 @@ from fura.tuner.layer import (
     base_features,
     explicit_in_mixed_batch_message,
 )
+from fura.tuner.state_check import validate_adapter_state
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Make "fura" a PEFT method: a `PeftType` member, then peft's own `register_peft_method`.
+"""Make "fura" a PEFT method: peft's own `register_peft_method`, over the `PeftType` member `fura.tuner.peft_type` adds.
 
 peft ≥ 0.15 has `register_peft_method`, but it accepts only names that are already members of the
 `PeftType` enum. A package outside peft therefore has to add its member first. `import fura` does
@@ -9,27 +9,10 @@ from __future__ import annotations
 
 import json
 
-from peft.utils import PeftType
-
-NAME = "fura"
-PREFIX = "fura_"
-
-
-def _add_peft_type(name: str) -> PeftType:
-    """Add ``name`` to the `PeftType` str-enum, or return the member if it is already there."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    type.__setattr__(PeftType, name, member)
-    return member
-
-
-FURA_PEFT_TYPE = _add_peft_type(NAME.upper())
+from fura.tuner.checks import AdapterLoadError
+from fura.tuner.config import FuraConfig
+from fura.tuner.model import FuraModel
+from fura.tuner.peft_type import FURA_PEFT_TYPE, NAME, PREFIX
 
 
 def _name_the_file_on_bad_json() -> None:
@@ -47,8 +30,6 @@ def _name_the_file_on_bad_json() -> None:
         return
 
     def _get_peft_type(cls, model_id: str, **kwargs):
-        from fura.tuner.checks import AdapterLoadError
-
         try:
             return original(cls, model_id, **kwargs)
         except json.JSONDecodeError as err:
@@ -67,9 +48,6 @@ def register() -> None:
     """Register FuraConfig / FuraModel with peft. This is idempotent."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
-
-    from fura.tuner.config import FuraConfig
-    from fura.tuner.model import FuraModel
 
     _name_the_file_on_bad_json()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(FURA_PEFT_TYPE) is FuraModel:
