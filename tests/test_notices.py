@@ -1,4 +1,4 @@
-"""fura quiets exactly the bitsandbytes kernel notices it names, and nothing else (fura's filter, not upstream's text)."""
+"""fura quiets exactly the bitsandbytes kernel notices it names and nothing else (fura's filter, not upstream text)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Drop the import-time notices bitsandbytes' optional CPU kernel causes (noise for fura users; imported first by `fura`).
+"""Drop the import-time notices of bitsandbytes' optional CPU kernel: noise for fura users (imported first by `fura`).
 
 On import, bitsandbytes (0.50) tries to fetch an optional CPU kernel, ``kernels-community/quantization-bitsandbytes``,
 through the `kernels` package. Nothing in fura needs that kernel, yet a fura user sees up to two lines only because
