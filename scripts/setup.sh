@@ -27,9 +27,11 @@ if [ "$VENV" = .venv ]; then
   # The locked setuptools builds fura itself too (no isolated build environment with unpinned tools).
   "${pip[@]}" install -q -c "$LOCK" --no-build-isolation -e ".[dev]"
 else
+  echo "$TORCH_SPEC" > "$VENV/torch-constraint.txt"  # an eager upgrade would otherwise swap in a CUDA torch
   "${pip[@]}" install -q --upgrade pip setuptools
   "${pip[@]}" install -q "$TORCH_SPEC"
-  "${pip[@]}" install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]"
+  "${pip[@]}" install -q -c "$VENV/torch-constraint.txt" --upgrade --upgrade-strategy eager --no-build-isolation \
+    -e ".[dev]"
   "$VENV/bin/python" -m pip list --format=freeze > "$VENV/versions.txt"
   echo "newest allowed versions installed in $VENV (listed in $VENV/versions.txt)"
 fi
