@@ -255,6 +255,11 @@ def _vllm_generator(model: Any, tokenizer: Any, name: str, dtype: str, workdir: 
     return VLLMGenerator(name, dtype=str(resolved).removeprefix("torch."))
 
 
+def chat_template_kwargs(no_thinking: bool) -> dict[str, Any] | None:
+    """The chat template's options: its default (Qwen3: thinking on, as the RL recipes train), or thinking off."""
+    return {"enable_thinking": False} if no_thinking else None
+
+
 def results_table(results: dict[str, BenchmarkResult], title: str):
     """A rich table: accuracy per benchmark and their average."""
     from rich.table import Table
@@ -287,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         device="cpu" if backend == "vllm" else None,  # vLLM only needs the model merged, not on the GPU twice
     )
-    template_kwargs = {"enable_thinking": False} if args.no_thinking else None
+    template_kwargs = chat_template_kwargs(args.no_thinking)
     with tempfile.TemporaryDirectory() as workdir:
         if backend == "vllm":
             generator: Generator = _vllm_generator(model, tokenizer, args.model, args.dtype, workdir)

@@ -93,10 +93,10 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
 
     Returns the trainer (after training, or untrained with ``dry_run``) so callers can inspect it.
     """
-    args = grpo_config(recipe)
-    guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     prompt = _choice(recipe, "prompt", PROMPTS, DEFAULT_PROMPT)
     reward = REWARDS[_choice(recipe, "reward", REWARDS, DEFAULT_REWARD)]
+    args = grpo_config(recipe)
+    guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     model_source = check_model_source(recipe["model"])
     set_seed(args.seed)
     problems = load_problems(
