@@ -204,3 +204,11 @@ def write_ordering_recipe(root: Path, records: int, training: dict) -> Path:
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def spm_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA whose Vicuna tokenizer is a sentencepiece BPE model with Llama's settings (tests/spm_tiny.py)."""
+    from vlm_tiny import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("spm_llava"), sentencepiece=True)
