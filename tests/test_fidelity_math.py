@@ -137,3 +137,27 @@ def test_is_equiv_reward_reads_the_last_box_and_the_recipe_selects_it(tmp_path):
         recipe[key] = value
         with pytest.raises(RecipeError, match=rf"{key}: '{value}' is not one of"):
             grpo.run(recipe, dry_run=True)  # refused before any model or data is read
+
+
+def test_grader_gap_benchmark_counts_the_golds_the_paper_grader_misses(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    golds = ["p - q", "42", "3, 5, 7", r"\frac{1}{2}"]
+    data = math_tiny.write_jsonl(
+        tmp_path / "math500.jsonl", [{"problem": f"p{i}", "answer": g} for i, g in enumerate(golds)]
+    )
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "grader_gap.py"
+    out = tmp_path / "gap.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--data", str(data), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["boxed"] == {"correct": 4, "missed": []}
+    assert result["paper"] == {"correct": 2, "missed": ["p - q", "3, 5, 7"]}
