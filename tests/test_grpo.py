@@ -133,8 +133,10 @@ def test_configs_express_the_paper_recipe(method):
     assert args.lr_scheduler_type == "constant"
     if method in ("fura", "lora", "qfura"):
         assert args.learning_rate == 1e-4
-    if method == "lora":
-        assert recipe["method_args"] == {"r": 64, "lora_alpha": 32}
+    if method in ("lora", "dora"):  # the paper's: all 7 projections, no dropout
+        seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        expected = {"r": 64, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": seven}
+        assert recipe["method_args"] == expected
 
 
 def test_unknown_training_key_is_a_recipe_error():
