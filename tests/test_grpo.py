@@ -4,7 +4,9 @@ saves an adapter that reloads, and raises the mean reward on a synthetic task wi
 The synthetic task: "copy d" → the answer is ``d``, scored by the real math reward (math-verify on the
 last ``\\boxed{}``). A tiny Llama is first taught the answer format by a short supervised warm-up in
 which the boxed digit is the prompt's digit 30 % of the time and random otherwise, so it starts
-GRPO at a mean reward of about 0.2-0.4 and has something to reinforce.
+GRPO at a mean reward of about 0.2-0.4 and has something to reinforce. The task uses fura's shorter prompt
+(``prompt: fura``): behind the paper's longer one, a 2-layer model barely learns to find the digit in the
+warm-up (measured: 11 % of samples copy it, chance is 10 %, against 20 % with fura's prompt).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fura.recipes import grpo
 from fura.recipes.config import RecipeError, load_recipe
 
 CONFIG = "rl/fura"
+PROMPT = "fura"  # see the module docstring
 PAPER_METHODS = ("fura", "lora", "dora", "svd", "full", "qfura")
 
 
@@ -31,7 +34,9 @@ def _warm_up(steps: int = 300, copy_rate: float = 0.3, seed: int = 0):
     tok = math_tiny.tokenizer(chat_template=True)
     net = math_tiny.model(len(tok), seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    prompts = {d: tok(format_prompt(f"copy {d}", tok), add_special_tokens=False)["input_ids"] for d in range(10)}
+    prompts = {
+        d: tok(format_prompt(f"copy {d}", tok, prompt=PROMPT), add_special_tokens=False)["input_ids"] for d in range(10)
+    }
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
     for _ in range(steps):
@@ -71,6 +76,7 @@ def _recipe(task, output_dir, steps: int, lr: float = 1e-2, batch: int = 64):
         "training.chat_template_kwargs=null",
         "training.disable_tqdm=true",
         "model_args={}",
+        f"prompt={PROMPT}",
     ]
     overrides = {"model": str(model_dir), "data": str(data), "output_dir": str(output_dir), "max_steps": steps}
     return load_recipe(CONFIG, {**overrides, "lr": lr, "seed": 0}, sets)
