@@ -216,3 +216,21 @@ def write_ordering_recipe(root: Path, records: int, training: dict) -> Path:
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def spm_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA whose Vicuna tokenizer is a sentencepiece BPE model with Llama's settings (tests/spm_tiny.py)."""
+    from vlm_tiny import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("spm_llava"), sentencepiece=True)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tmp_path_factory):
+    """A sentencepiece BPE tokenizer with Llama's settings, trained on the Alpaca prompt's words (tests/spm_tiny.py)."""
+    from fura.data.commonsense import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
+    from spm_tiny import save_llama_tokenizer
+
+    texts = [PROMPT_NO_INPUT, PROMPT_WITH_INPUT, "the correct answer is true false option1 option2 answer1 ending2"]
+    return save_llama_tokenizer(tmp_path_factory.mktemp("llama_tokenizer"), texts)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from conftest import save_tiny_llama_dir
 from fura.methods import METHODS
@@ -76,3 +79,43 @@ def test_accelerate_configs_load(name, kind):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
     if name == "fsdp":
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+
+
+# ------------------------------------------------------------------------------ pinned to docs/fidelity.md
+FIDELITY = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
+
+
+def fidelity_pins() -> list[tuple[str, str, str, Any]]:
+    """(table row, recipe name, dotted key, value) for every pin of docs/fidelity.md's ``recipe pin`` column.
+
+    A pin reads ``names: key = value``: comma-separated recipe names (``track/*`` for every recipe of a
+    track), a dotted recipe key, and a YAML value; one cell may hold several pins separated by ``<br>``.
+    """
+    rows = [line for line in FIDELITY.read_text().splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
+    pins = []
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        number, pin_cell = cells[0], cells[4]
+        for pin in re.findall(r"`([^`]+)`", pin_cell):
+            names, _, assignment = pin.partition(": ")
+            key, _, value = assignment.partition(" = ")
+            for name in (n.strip() for n in names.split(",")):
+                for path in sorted(CONFIGS.glob(f"{name}.yaml")):
+                    if "track" in yaml.safe_load(path.read_text()):
+                        pins.append((number, path.relative_to(CONFIGS).with_suffix("").as_posix(), key, value))
+    return pins
+
+
+def test_fidelity_table_pins_every_track():
+    pins = fidelity_pins()
+    assert len({number for number, *_ in pins}) >= 10
+    assert {recipe.split("/")[0] for _, recipe, _, _ in pins} == {"commonsense", "qfura", "rl", "vlm"}
+
+
+@pytest.mark.parametrize(("row", "recipe", "key", "value"), fidelity_pins(), ids=lambda v: str(v)[:40])
+def test_recipes_hold_the_values_docs_fidelity_md_gives(row, recipe, key, value):
+    node: Any = load_recipe(recipe)
+    for part in key.split("."):
+        assert isinstance(node, dict) and part in node, f"docs/fidelity.md row {row}: {recipe} has no {key}"
+        node = node[part]
+    assert node == yaml.safe_load(value), f"docs/fidelity.md row {row}: {recipe} {key} = {node!r}, not {value}"

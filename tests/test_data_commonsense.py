@@ -111,3 +111,52 @@ def test_bad_jsonl_line_and_missing_answer_for_eval(tmp_path):
         load_records(path, require_answer=True)
     with pytest.raises(DataFormatError, match="not found"):
         load_records(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------ the paper's prompt strings
+# The released code's strings, spelled out here with their whitespace: training (data_utils.py) has two spaces
+# after "request." and a line of 16 spaces; evaluation (run_commonsense_parallel.py) one space and no such line.
+PAPER_TRAIN = (
+    "<s> Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n### Instruction:\n{}\n                \n### Response:\n"
+)
+PAPER_EVAL = (
+    "<s> Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n### Instruction:\n{}\n\n### Response:\n"
+)
+
+
+def test_paper_prompt_trains_on_the_released_strings_with_a_llama_tokenizer(llama_tokenizer):
+    tok = llama_tokenizer
+    for record, shown in ((RECORD, RECORD["instruction"]), (RECORD | {"input": "ctx"}, "ctx")):  # input wins
+        source = PAPER_TRAIN.format(shown)
+        encoded = tokenize_record(record, tok, max_length=512, prompt="paper")
+        assert encoded["input_ids"] == tok(source + RECORD["output"] + " </s>")["input_ids"]  # tokenized whole
+        prompt_len = len(tok(source)["input_ids"])
+        assert encoded["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+        assert encoded["labels"][prompt_len:] == encoded["input_ids"][prompt_len:]
+        assert encoded["input_ids"][0] == tok.bos_token_id and encoded["input_ids"][-1] == tok.eos_token_id
+    alpaca = tokenize_record(RECORD, tok, max_length=512)
+    assert alpaca["input_ids"] != tokenize_record(RECORD, tok, max_length=512, prompt="paper")["input_ids"]
+
+
+def test_paper_prompt_evaluates_on_the_released_eval_string(tmp_path):
+    from fura.data.commonsense import eval_prompt
+
+    record = RECORD | {"input": "ignored at evaluation"}
+    assert eval_prompt(record, "paper") == PAPER_EVAL.format(RECORD["instruction"])
+    assert eval_prompt(record) == generate_prompt(RECORD["instruction"], "ignored at evaluation")  # the default
+    from fura.evaluation.commonsense import evaluate_tasks
+
+    seen = []
+
+    def generate(prompts, desc):
+        seen.extend(prompts)
+        return ["the correct answer is true"] * len(prompts)
+
+    tasks, patterns = {"boolq": [record]}, {"boolq": "true|false"}
+    results = evaluate_tasks(None, None, tasks, patterns, generate=generate, prompt="paper")
+    assert seen == [PAPER_EVAL.format(RECORD["instruction"])] and results["boolq"].accuracy == 1.0
+    (tmp_path / "d.json").write_text(json.dumps([RECORD] * 3))
+    with pytest.raises(DataFormatError, match="unknown prompt style 'llama'"):
+        build_datasets(tmp_path / "d.json", None, val_size=0, prompt="llama")

@@ -4,7 +4,9 @@ saves an adapter that reloads, and raises the mean reward on a synthetic task wi
 The synthetic task: "copy d" → the answer is ``d``, scored by the real math reward (math-verify on the
 last ``\\boxed{}``). A tiny Llama is first taught the answer format by a short supervised warm-up in
 which the boxed digit is the prompt's digit 30 % of the time and random otherwise, so it starts
-GRPO at a mean reward of about 0.2-0.4 and has something to reinforce.
+GRPO at a mean reward of about 0.2-0.4 and has something to reinforce. The task uses fura's shorter prompt
+(``prompt: fura``): behind the paper's longer one, a 2-layer model barely learns to find the digit in the
+warm-up (measured: 11 % of samples copy it, chance is 10 %, against 20 % with fura's prompt).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fura.recipes import grpo
 from fura.recipes.config import RecipeError, load_recipe
 
 CONFIG = "rl/fura"
+PROMPT = "fura"  # see the module docstring
 PAPER_METHODS = ("fura", "lora", "dora", "svd", "full", "qfura")
 
 
@@ -31,7 +34,9 @@ def _warm_up(steps: int = 300, copy_rate: float = 0.3, seed: int = 0):
     tok = math_tiny.tokenizer(chat_template=True)
     net = math_tiny.model(len(tok), seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    prompts = {d: tok(format_prompt(f"copy {d}", tok), add_special_tokens=False)["input_ids"] for d in range(10)}
+    prompts = {
+        d: tok(format_prompt(f"copy {d}", tok, prompt=PROMPT), add_special_tokens=False)["input_ids"] for d in range(10)
+    }
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     net.train()
     for _ in range(steps):
@@ -71,6 +76,7 @@ def _recipe(task, output_dir, steps: int, lr: float = 1e-2, batch: int = 64):
         "training.chat_template_kwargs=null",
         "training.disable_tqdm=true",
         "model_args={}",
+        f"prompt={PROMPT}",
     ]
     overrides = {"model": str(model_dir), "data": str(data), "output_dir": str(output_dir), "max_steps": steps}
     return load_recipe(CONFIG, {**overrides, "lr": lr, "seed": 0}, sets)
@@ -109,8 +115,9 @@ def test_few_steps_train_only_r_and_s_and_save_a_reloadable_adapter(task, tmp_pa
 def test_mean_reward_rises(task, tmp_path):
     """100 GRPO steps of 8 prompts × 8 samples at lr 1e-2: the last 20 steps beat the first 20.
 
-    Measured (this task, seeds 0-2, lr 3e-3 and 1e-2): gains of 0.09-0.15 in mean reward; seed 0 at
-    lr 1e-2 goes from 0.31 to 0.44. The threshold is 0.05.
+    Measured (this task, seeds 0-2, lr 3e-3 and 1e-2, with the earlier dr_grpo loss): gains of 0.09-0.15 in
+    mean reward. Seed 0 at lr 1e-2 goes from 0.31 to 0.44 (dr_grpo) and from 0.30 to 0.43 with the paper's
+    grpo loss, the recipe's now. The threshold is 0.05.
     """
     trainer = grpo.run(_recipe(task, tmp_path / "run", steps=100))
     steps, rewards = grpo.reward_series(trainer.state.log_history)
@@ -133,8 +140,10 @@ def test_configs_express_the_paper_recipe(method):
     assert args.lr_scheduler_type == "constant"
     if method in ("fura", "lora", "qfura"):
         assert args.learning_rate == 1e-4
-    if method == "lora":
-        assert recipe["method_args"] == {"r": 64, "lora_alpha": 32}
+    if method in ("lora", "dora"):  # the paper's: all 7 projections, no dropout
+        seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        expected = {"r": 64, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": seven}
+        assert recipe["method_args"] == expected
 
 
 def test_unknown_training_key_is_a_recipe_error():

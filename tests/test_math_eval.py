@@ -158,15 +158,16 @@ def test_eval_math_cli_scores_every_benchmark_with_its_protocol(seven_dir, bench
 
 
 def test_eval_math_respects_the_token_limit(seven_dir, bench_dir, tmp_path):
-    # Two new tokens cannot close the box ("\boxed{", "7"): every answer is missing, every score 0.
+    # Two new tokens cannot close the box ("\boxed{", "7"): under the boxed grader every answer is missing, every
+    # score 0. The paper's grader reads the unclosed "7" all the same (it credits answers without a box).
+    argv = ["--model", str(seven_dir), "--data-dir", str(bench_dir), "--benchmarks", "math500"]
+    paper = _eval([*argv, "--max-new-tokens", "2", "--output", str(tmp_path / "p.json")])
+    assert paper["grader"] == "paper" and paper["results"]["math500"]["accuracy"] == 0.5
     result = _eval(
         [
-            "--model",
-            str(seven_dir),
-            "--data-dir",
-            str(bench_dir),
-            "--benchmarks",
-            "math500",
+            *argv,
+            "--grader",
+            "boxed",
             "--max-new-tokens",
             "2",
             "--output",
@@ -230,7 +231,9 @@ def test_averaged_pass_at_1():
     problems = load_problems_from([{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "\\frac12"}])
     samples = [[r"\boxed{1}"] * 6 + ["no box"] * 2, [r"\boxed{0.5}"] * 2 + [r"\boxed{2}"] * 6]
     generator = _Scripted(samples)
-    result = evaluate_benchmark("aime24", problems, generator, math_tiny.tokenizer(), max_new_tokens=2048)
+    result = evaluate_benchmark(
+        "aime24", problems, generator, math_tiny.tokenizer(), max_new_tokens=2048, grader="boxed"
+    )
     assert generator.calls == [(2, 8, 0.6, 0.95, 2048)]
     assert result.accuracy == pytest.approx((6 / 8 + 2 / 8) / 2)
 

@@ -152,7 +152,7 @@ def test_vicuna_v1_template_and_image_moved_to_the_front():
     ]
     text, spans = render(turns, "r1")
     assert text == f"{SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Colour? ASSISTANT: Black.</s>"
-    assert [text[a:b] for a, b in spans] == ["A cat.</s>", "Black.</s>"]
+    assert [text[a:b] for a, b in spans] == [" A cat.</s>", " Black.</s>"]  # from the space: LLaVA's "▁" target
 
 
 def test_labels_only_on_answers_and_eos_never_on_image_tokens(tiny, tmp_path):
@@ -195,12 +195,14 @@ def test_data_errors_name_the_record_and_path(tiny, tmp_path):
     ds = dataset(tiny, [{"id": "bad", "image": "broken.png", "conversations": ok}], tmp_path)
     with pytest.raises(DataFormatError, match=r"record 'bad': cannot read image .*broken\.png"):
         ds[0]
-    with pytest.raises(DataFormatError, match="record 't' has no image but 1 <image>"):
-        dataset(tiny, [], tmp_path).tokenize({"id": "t", "conversations": ok})
+    # a wrong <image> count is refused when the dataset is built, before any record is reached
     colour_image("red", __import__("random").Random(0)).save(tmp_path / "a.png")
     no_token = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
-    with pytest.raises(DataFormatError, match=r"record 'i' has an image \(a.png\) but 0 <image>"):
-        dataset(tiny, [], tmp_path).tokenize({"id": "i", "image": "a.png", "conversations": no_token})
+    good = {"id": "g", "image": "a.png", "conversations": ok}
+    stray = {"id": "t", "conversations": ok}
+    missing = {"id": "i", "image": "a.png", "conversations": no_token}
+    with pytest.raises(DataFormatError, match=r"2 record.*'t' has no image but 1 <image>.*'i' has an image but 0"):
+        dataset(tiny, [good, stray, missing], tmp_path)
     with pytest.raises(DataFormatError, match="record 'x': turn 1 is from 'human'"):
         render([{"from": "human", "value": "q"}, {"from": "human", "value": "q"}], "x")
     (tmp_path / "d.json").write_text(json.dumps([{"id": 3, "turns": []}]))
@@ -267,3 +269,54 @@ def test_text_only_batch_with_a_dummy_image_is_unchanged_but_runs_the_projector(
     )
     assert model.model.multi_modal_projector.linear_2.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------- with Llama's tokenizer
+@pytest.fixture(scope="module")
+def spm(spm_llava):
+    """(model config, tokenizer, image processor) of the tiny LLaVA with a sentencepiece (Llama) tokenizer."""
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(spm_llava)
+    return AutoConfig.from_pretrained(spm_llava), processor.tokenizer, processor.image_processor
+
+
+def _tokenize(spm, tmp_path, conversations):
+    config, tokenizer, image_processor = spm
+    colour_image("red", __import__("random").Random(0)).save(tmp_path / "a.png")
+    record = {"id": "r", "image": "a.png", "conversations": conversations}
+    ds = LlavaDataset([record], tokenizer, image_processor, tmp_path, config.image_seq_length, max_length=256)
+    return ds.tokenize(record), tokenizer
+
+
+def test_the_lone_space_token_before_a_digit_answer_is_trained_as_in_llava(spm, tmp_path):
+    turns = [
+        {"from": "human", "value": "<image>\nWhat year is it?"},
+        {"from": "gpt", "value": "2013"},
+        {"from": "human", "value": "What colour is the image?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    example, tokenizer = _tokenize(spm, tmp_path, turns)
+    targets = tokenizer.convert_ids_to_tokens([t for t in example.labels if t != IGNORE_INDEX])
+    # Llama's tokenizer: ": 2013" is ":", "▁", "2", "0", "1", "3"; LLaVA's mask starts at the "▁"
+    assert targets[:6] == ["▁", "2", "0", "1", "3", "</s>"]
+    assert tokenizer.convert_tokens_to_string(targets[6:]).strip() == "red</s>"
+    assert targets[6].startswith("▁")  # a word answer's first token carries its own "▁"
+    # nothing of the prompt is a target: the token before the first target is the ":" of "ASSISTANT:"
+    first = next(i for i, t in enumerate(example.labels) if t != IGNORE_INDEX)
+    assert tokenizer.convert_ids_to_tokens(example.input_ids[first - 1]) == ":"
+
+
+def test_text_around_the_image_is_tokenized_in_chunks_as_in_llava(spm, tmp_path):
+    config = spm[0]
+    turns = [{"from": "human", "value": "What colour is the image?\n<image>"}, {"from": "gpt", "value": "red"}]
+    example, tokenizer = _tokenize(spm, tmp_path, turns)
+    image_id = config.image_token_id
+    start = example.input_ids.index(image_id)
+    end = start + config.image_seq_length
+    around = tokenizer.convert_ids_to_tokens([example.input_ids[start - 1], *example.input_ids[end : end + 2]])
+    assert around == ["▁", "▁", "<0x0A>"]  # LLaVA's "USER: " chunk, the image, then "\n..." with its dummy prefix
+    whole = tokenizer(f"{SYSTEM} USER: <image>\nWhat")["input_ids"]
+    after = whole[whole.index(image_id) + 1]
+    assert tokenizer.convert_ids_to_tokens(after) == "<0x0A>"  # tokenizing the whole prompt loses that "▁"
+    assert example.input_ids[0] == tokenizer.bos_token_id and example.input_ids.count(tokenizer.bos_token_id) == 1

@@ -663,3 +663,39 @@ def test_adapter_directory_loads_over_its_base_and_runs_with_limit(data_dir, tmp
     assert main([*argv, "--limit", "1", "--max-new-tokens", "2", "--output-dir", str(out)]) == 0
     assert json.loads((out / "gqa.json").read_text())["total"] == 1
     assert json.loads((out / "pope.json").read_text())["total"] == 3  # one per split
+
+
+# ----------------------------------------------------------------------------------------- as LLaVA decodes
+def test_prompts_are_tokenized_around_the_image_as_in_llava(spm_llava):
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(spm_llava).tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    prompts = [vlm.build_prompt("What colour is the image? " * 3), vlm.build_prompt("What colour is the image?")]
+    batch = vlm.prompt_inputs(tokenizer, prompts, image_id, image_tokens=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for row in range(len(prompts)):
+        tokens = tokenizer.convert_ids_to_tokens(ids[row][mask[row] == 1].tolist())
+        start = tokens.index("<image>")
+        # LLaVA's chunks: "... USER: " ends in "▁", then the image, then "\n..." with its own dummy-prefix "▁"
+        assert tokens[start - 1 : start + 5] == ["▁", "<image>", "<image>", "<image>", "▁", "<0x0A>"]
+        assert tokens.count("<s>") == 1 and tokens[0] == "<s>"
+        assert tokenizer.decode(ids[row], skip_special_tokens=True).endswith("ASSISTANT:")
+    assert mask[1, 0] == 0 and mask[:, -1].all()  # the shorter prompt is left padded
+
+
+def test_paper_decoding_is_fp16_one_question_at_a_time(yes_llava, data_dir, tmp_path, capsys):
+    from fura.cli import main
+
+    out = tmp_path / "out"
+    argv = ["eval", "vlm", "--model", str(yes_llava), "--data-dir", str(data_dir), "--benchmarks", "gqa"]
+    assert main([*argv, "--paper", "--max-new-tokens", "1", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["dtype"], summary["batch_size"], summary["paper_decoding"]) == ("float16", 1, True)
+    assert summary["scores"]["gqa"] == 0.5
+    assert main([*argv, "--max-new-tokens", "1", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["batch_size"] == 8  # fura's default: batched
+    capsys.readouterr()
+    assert main([*argv, "--paper", "--batch-size", "4", "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--paper decodes in fp16 one question at a time" in error

@@ -16,7 +16,7 @@ from fura.cli import main
 from fura.data.commonsense import DataFormatError
 from fura.recipes import vlm
 from fura.recipes.catalog import RECIPE_DIR
-from fura.recipes.config import load_recipe
+from fura.recipes.config import RecipeError, load_recipe
 from fura.tuner.layer import FuraLayer
 from fura.vlm import LANGUAGE_MODEL_TARGETS
 from vlm_tiny import colour_accuracy, write_colour_data, write_tiny_llava
@@ -33,6 +33,7 @@ CPU = [
     "training.logging_steps=2",
     "training.per_device_train_batch_size=8",
     "training.save_strategy=no",
+    "vlm.global_batch_size=null",  # the toy's 60 records: no accumulation to LLaVA's 128
 ]
 
 
@@ -101,9 +102,11 @@ def test_recipes_have_the_papers_settings_and_dry_run(method, workspace, tmp_pat
     )
     assert (training["lr_scheduler_type"], training["warmup_steps"], training["bf16"]) == ("cosine", 0.03, True)
     assert training["learning_rate"] == (2e-5 if method == "full" else 2e-4)
-    assert recipe["vlm"] == {"projector_lr": 2e-5, "group_by_modality_length": True}
+    assert recipe["vlm"] == {"projector_lr": 2e-5, "group_by_modality_length": True, "global_batch_size": 128}
     assert recipe["data_args"]["max_length"] == 2048
     summary = vlm.run(recipe, dry_run=True)
+    # one process: LLaVA-1.5's global batch of 128 is kept by accumulating 128 / 16 = 8 steps
+    assert summary["training_arguments"]["gradient_accumulation_steps"] == 8
     trainable, total = summary["trainable_parameters"], summary["total_parameters"]
     _, model = vlm.build_model(recipe)
     vision = (
@@ -271,3 +274,18 @@ def test_head_blocks_come_from_each_towers_config():
         "vision_tower.encoder.layers.0.self_attn.k_proj",
         "vision_tower.encoder.layers.0.self_attn.q_proj",
     ]
+
+
+@pytest.mark.parametrize(
+    ("sets_", "message"),
+    [
+        (["training.per_device_train_batch_size=12"], "not a multiple of per_device_train_batch_size 12"),
+        (["training.gradient_accumulation_steps=1"], "needs gradient_accumulation_steps 8 .* is 1; drop it"),
+    ],
+)
+def test_a_batch_that_cannot_make_the_global_batch_is_refused_with_the_fix(workspace, tmp_path, sets_, message):
+    _, llava, train, _ = workspace
+    overrides = {"model": str(llava), "data": str(train), "output_dir": str(tmp_path / "o")}
+    recipe = load_recipe(CONFIGS / "fura.yaml", overrides, sets_)
+    with pytest.raises(RecipeError, match=message):
+        vlm.run(recipe, dry_run=True)

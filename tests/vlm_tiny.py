@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fura.vlm.data import SYSTEM
+from spm_tiny import save_llama_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 QUESTION = "What colour is the image?"
@@ -23,8 +24,13 @@ IMAGE_SIZE, PATCH_SIZE = 28, 14  # 4 image tokens
 WORDS = " ".join([SYSTEM, "USER: ASSISTANT:", QUESTION, SUFFIX, *COLOURS, *(q + " " + a for q, a in TEXT_ONLY)])
 
 
-def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden: int = 32) -> dict[str, Path]:
-    """The three parts LLaVA-1.5 starts from, tiny: a CLIP model dir, a Llama dir + tokenizer, mm_projector.bin."""
+def write_parts(
+    root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden: int = 32, sentencepiece: bool = False
+) -> dict[str, Path]:
+    """The three parts LLaVA-1.5 starts from, tiny: a CLIP model dir, a Llama dir + tokenizer, mm_projector.bin.
+
+    The tokenizer is word-level, or with ``sentencepiece`` a BPE model trained with Llama's settings (`spm_tiny`).
+    """
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -60,7 +66,7 @@ def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden:
     ).save_pretrained(clip_dir)
 
     lm_dir = root / "vicuna"
-    tokenizer = build_tokenizer([WORDS], lm_dir)
+    tokenizer = save_llama_tokenizer(lm_dir, [WORDS]) if sentencepiece else build_tokenizer([WORDS], lm_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_hidden,
@@ -91,11 +97,11 @@ def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden:
     return {"language_model": lm_dir, "vision_tower": clip_dir, "projector": projector}
 
 
-def write_tiny_llava(root: Path, seed: int = 0) -> Path:
+def write_tiny_llava(root: Path, seed: int = 0, sentencepiece: bool = False) -> Path:
     """Three tiny parts under ``root/parts`` assembled into ``root/llava`` (fp32) with `fura.vlm.assemble`."""
     from fura.vlm.assemble import assemble
 
-    parts = write_parts(root / "parts", seed)
+    parts = write_parts(root / "parts", seed, sentencepiece=sentencepiece)
     return assemble(**{k: str(v) for k, v in parts.items()}, output=root / "llava", dtype="float32")
 
 

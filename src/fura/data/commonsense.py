@@ -3,6 +3,17 @@
 A record is ``{"instruction", "input", "output", "answer"}`` (``commonsense_170k.json`` and every
 ``dataset/<task>/test.json`` use it). Training sees ``template(instruction, input) + output + EOS`` with
 the prompt tokens masked out of the loss; evaluation generates after the template and parses the answer.
+
+Two prompt styles (`PROMPT_STYLES`, a recipe's ``data_args.prompt``, ``fura eval commonsense --prompt``):
+
+- ``alpaca`` (the default): the plain Alpaca template, the same for training and evaluation; prompt and
+  response are tokenized separately, so the mask boundary is exact for any tokenizer.
+- ``paper``: the released code's strings, byte for byte. Training (``commonsense/src/utils/data_utils.py``)
+  prefixes a literal ``"<s> "``, has two spaces after "request." and a line of 16 spaces before
+  ``### Response:``, uses the record's ``input`` in place of its instruction when there is one, and
+  appends ``" " + EOS`` to the output; the text is tokenized whole and the prompt's own token count is
+  masked. Evaluation (``run_commonsense_parallel.py``) uses another string: one space after "request."
+  and no line of spaces.
 """
 
 from __future__ import annotations
@@ -28,6 +39,16 @@ PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The released code's training and evaluation prompts (see the module docstring), whitespace included.
+PAPER_TRAIN_PROMPT = (
+    "<s> Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
+    "\n\n### Instruction:\n{instruction}\n" + " " * 16 + "\n### Response:\n"
+)
+PAPER_EVAL_PROMPT = (
+    "<s> Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_STYLES = ("alpaca", "paper")
 IGNORE_INDEX = -100
 
 
@@ -40,6 +61,18 @@ def generate_prompt(instruction: str, input: str | None = None) -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def eval_prompt(record: dict[str, str], style: str = "alpaca") -> str:
+    """The evaluation prompt of a record in a `PROMPT_STYLES` style; the model's answer follows it."""
+    if style == "paper":
+        return PAPER_EVAL_PROMPT.format(instruction=record["instruction"])
+    return generate_prompt(record["instruction"], record["input"])
+
+
+def check_prompt_style(style: str, where: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise DataFormatError(f"{where}: unknown prompt style {style!r}; choose from {', '.join(PROMPT_STYLES)}")
 
 
 def validate_record(record: Any, index: int, source: str, require_answer: bool = False) -> dict[str, str]:
@@ -99,18 +132,28 @@ def load_records(source: str | Path, split: str = "train", require_answer: bool 
     return [validate_record(row, i, str(source), require_answer) for i, row in enumerate(rows)]
 
 
-def tokenize_record(record: dict[str, str], tokenizer, max_length: int, train_on_prompt: bool = False) -> dict:
+def tokenize_record(
+    record: dict[str, str], tokenizer, max_length: int, train_on_prompt: bool = False, prompt: str = "alpaca"
+) -> dict:
     """Token ids of prompt + output + EOS, with the prompt masked in ``labels`` and the total capped at ``max_length``.
 
-    Prompt and response are tokenized separately and concatenated, so the mask boundary is exact for
-    any tokenizer (no merge across the boundary).
+    ``alpaca``: prompt and response are tokenized separately and concatenated, so the mask boundary is
+    exact for any tokenizer (no merge across the boundary). ``paper``: as the released code, see the
+    module docstring.
     """
-    prompt_ids = tokenizer(generate_prompt(record["instruction"], record["input"]), add_special_tokens=True)[
-        "input_ids"
-    ]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
+    if prompt == "paper":
+        source = PAPER_TRAIN_PROMPT.format(instruction=record["input"] or record["instruction"])
+        target = f"{record['output'].replace('</s>', '')} {tokenizer.eos_token}"
+        prompt_ids = tokenizer(source)["input_ids"]
+        whole = tokenizer(source + target)["input_ids"]
+        response_ids = whole[len(prompt_ids) :]
+    else:
+        prompt_ids = tokenizer(generate_prompt(record["instruction"], record["input"]), add_special_tokens=True)[
+            "input_ids"
+        ]
+        response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            response_ids = [*response_ids, tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = list(input_ids) if train_on_prompt else ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
@@ -124,6 +167,7 @@ def build_datasets(
     seed: int = 42,
     train_on_prompt: bool = False,
     split: str = "train",
+    prompt: str = "alpaca",
 ):
     """Tokenized (train, validation) ``datasets.Dataset`` pair; validation is None when ``val_size`` is 0.
 
@@ -133,6 +177,7 @@ def build_datasets(
     """
     import datasets
 
+    check_prompt_style(prompt, "data_args.prompt")
     records = load_records(source, split=split)
     if not records:
         raise DataFormatError(f"{source}: no records")
@@ -148,7 +193,7 @@ def build_datasets(
         if ds is None:
             return None
         tokenized = ds.map(
-            lambda r: tokenize_record(r, tokenizer, max_length, train_on_prompt),
+            lambda r: tokenize_record(r, tokenizer, max_length, train_on_prompt, prompt),
             remove_columns=ds.column_names,
             desc="tokenizing",
         )

@@ -38,9 +38,15 @@ ANSWER_KEYS = ("answer", "Answer")
 SOLUTION_KEYS = ("solution", "Solution")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
-PROMPT_TEMPLATE = (
-    "Solve the following math problem. Reason step by step, and put your final answer within \\boxed{{}}.\n\n{problem}"
-)
+# The user message of each prompt style; ``{question}`` is replaced by the problem text. ``paper`` is the released
+# code's rl/boxed.prompt, byte for byte (its backslashes are doubled in the file, so the model sees ``\\boxed{}``).
+PROMPTS = {
+    "paper": "Think for a bit about the question and then put your final answer as a number inside \\\\boxed{}. "
+    "(i.e. \\\\boxed{answer here})\nQuestion: {question}",
+    "fura": "Solve the following math problem. Reason step by step, and put your final answer within \\boxed{}.\n\n"
+    "{question}",
+}
+DEFAULT_PROMPT = "paper"
 PLAIN_SUFFIX = "\n\nSolution:"  # ends the prompt of a model without a chat template
 
 MATH_TRAIN_SIZE = 7500  # the paper trains on the 7,500 MATH training problems
@@ -144,26 +150,30 @@ def load_benchmark(name: str, source: str | Path | None = None, limit: int | Non
     return load_problems(source or spec.source, spec.split, limit)
 
 
-def user_message(problem: str) -> str:
-    """Our prompt: step-by-step reasoning with the final answer in ``\\boxed{}``."""
-    return PROMPT_TEMPLATE.format(problem=problem)
+def user_message(problem: str, prompt: str = DEFAULT_PROMPT) -> str:
+    """The user message asking for the final answer in ``\\boxed{}``, in the ``prompt`` style of `PROMPTS`."""
+    if prompt not in PROMPTS:
+        raise UserError(f"unknown math prompt {prompt!r}; choose from {', '.join(PROMPTS)}")
+    return PROMPTS[prompt].replace("{question}", problem)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(problem: str, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> str:
+def format_prompt(
+    problem: str, tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None, prompt: str = DEFAULT_PROMPT
+) -> str:
     """The prompt text for generation: the chat template when the tokenizer has one, else plain text."""
     if has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": user_message(problem)}]
+        messages = [{"role": "user", "content": user_message(problem, prompt)}]
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
         )
-    return user_message(problem) + PLAIN_SUFFIX
+    return user_message(problem, prompt) + PLAIN_SUFFIX
 
 
-def grpo_dataset(problems: list[MathProblem], conversational: bool):
+def grpo_dataset(problems: list[MathProblem], conversational: bool, prompt: str = DEFAULT_PROMPT):
     """A `datasets.Dataset` with ``prompt`` and ``answer`` columns, as `GRPOTrainer` and our reward expect.
 
     Conversational prompts (a list of messages) let TRL apply the chat template itself, with
@@ -172,7 +182,7 @@ def grpo_dataset(problems: list[MathProblem], conversational: bool):
     from datasets import Dataset
 
     if conversational:
-        prompts: list[Any] = [[{"role": "user", "content": user_message(p.problem)}] for p in problems]
+        prompts: list[Any] = [[{"role": "user", "content": user_message(p.problem, prompt)}] for p in problems]
     else:
-        prompts = [user_message(p.problem) + PLAIN_SUFFIX for p in problems]
+        prompts = [user_message(p.problem, prompt) + PLAIN_SUFFIX for p in problems]
     return Dataset.from_dict({"prompt": prompts, "answer": [p.answer for p in problems]})

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fura.data.commonsense import PROMPT_STYLES
 from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -224,17 +225,19 @@ def evaluate_tasks(
     settings: GenerationSettings | None = None,
     batch_size: int = 8,
     generate=None,
+    prompt: str = "alpaca",
 ) -> dict[str, TaskResult]:
     """Generate for every record of every task and score it with the task's pattern.
 
-    ``generate(prompts, desc) -> responses`` replaces the transformers backend (used for vLLM).
+    ``generate(prompts, desc) -> responses`` replaces the transformers backend (used for vLLM). ``prompt``
+    is the style of `fura.data.commonsense.PROMPT_STYLES` (the one the model was trained with).
     """
-    from fura.data.commonsense import generate_prompt
+    from fura.data.commonsense import eval_prompt
 
     settings = settings or GenerationSettings()
     results: dict[str, TaskResult] = {}
     for task, records in tasks.items():
-        prompts = [generate_prompt(r["instruction"], r["input"]) for r in records]
+        prompts = [eval_prompt(r, prompt) for r in records]
         if generate is None:
             responses = generate_responses(model, tokenizer, prompts, settings, batch_size, desc=task)
         else:
@@ -288,6 +291,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, help="evaluate only the first N records of each task (quick runs)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="alpaca",
+        help="the prompt the model was trained with: alpaca (fura's default) or paper (the released code's)",
+    )
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of beam search (LLM-Adapters: off)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
@@ -330,18 +339,19 @@ def run(args: argparse.Namespace) -> int:
         if (Path(args.model) / "adapter_config.json").is_file():
             raise UserError("the vLLM backend needs a merged model: run `fura export` on the adapter first")
         generate = vllm_generator(args.model, settings)
-        results = evaluate_tasks(None, None, data, patterns, settings, generate=generate)
+        results = evaluate_tasks(None, None, data, patterns, settings, generate=generate, prompt=args.prompt)
     else:
         from fura.loading import load_for_inference
 
         model, tokenizer = load_for_inference(args.model, args.base_model, args.dtype)
-        results = evaluate_tasks(model, tokenizer, data, patterns, settings, args.batch_size)
+        results = evaluate_tasks(model, tokenizer, data, patterns, settings, args.batch_size, prompt=args.prompt)
     summary = summarize(results)
     summary.update(
         model=args.model,
         generation=asdict(settings),
         seconds=time.perf_counter() - start,
         limit=args.limit,
+        prompt=args.prompt,
         answer_patterns=patterns,
     )
     summary["predictions"] = {t: r.predictions for t, r in results.items()}

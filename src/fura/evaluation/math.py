@@ -1,10 +1,12 @@
 """`fura eval math`: the paper's math protocol on MATH-500, AMC23, AIME-24 and AIME-25.
 
 MATH-500 and AMC23 are decoded greedily; AIME-24/25 with 8 samples at temperature 0.6, top_p 0.95,
-and the score is the mean accuracy over samples (averaged pass@1). Up to 2048 new tokens. A
-completion is correct when its last ``\\boxed{}`` answer is math-verify-equivalent to the reference
-(`fura.rewards.is_correct`). Generation runs on transformers by default and on vLLM when it is
-installed and a GPU is present (``--backend`` chooses explicitly).
+and the score is the mean accuracy over samples (averaged pass@1). Up to 2048 new tokens. The prompt
+is the paper's (``--prompt fura`` for fura's own wording) in Qwen3's default chat template (thinking on,
+as the RL recipes train). ``--grader paper`` (the default) grades as the paper's released code, so the
+numbers compare with its table; ``--grader boxed`` is fura's check of the last ``\\boxed{}`` answer
+(`fura.rewards`; the two differ, see docs/fidelity.md). Generation runs on transformers by default and
+on vLLM when it is installed and a GPU is present (``--backend`` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -17,13 +19,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fura.data.math import BENCHMARKS, FILE_BUILDERS, BenchmarkSpec, MathProblem, format_prompt, load_benchmark
+from fura.data.math import (
+    BENCHMARKS,
+    DEFAULT_PROMPT,
+    FILE_BUILDERS,
+    PROMPTS,
+    BenchmarkSpec,
+    MathProblem,
+    format_prompt,
+    load_benchmark,
+)
 from fura.errors import UserError
-from fura.rewards import is_correct, last_boxed
+from fura.rewards import GRADERS, last_boxed
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 2048
+DEFAULT_GRADER = "paper"
 
 
 class Generator(Protocol):
@@ -114,14 +126,17 @@ def evaluate_benchmark(
     seed: int = 0,
     chat_template_kwargs: dict[str, Any] | None = None,
     keep_completions: bool = False,
+    grader: str = DEFAULT_GRADER,
+    prompt: str = DEFAULT_PROMPT,
 ) -> BenchmarkResult:
-    """Generate for every problem with the benchmark's sampling protocol and score with `is_correct`."""
+    """Generate for every problem with the benchmark's sampling protocol and score with ``GRADERS[grader]``."""
     spec = spec or BENCHMARKS[name]
-    prompts = [format_prompt(p.problem, tokenizer, chat_template_kwargs) for p in problems]
+    grade = GRADERS[grader]
+    prompts = [format_prompt(p.problem, tokenizer, chat_template_kwargs, prompt) for p in problems]
     completions = generator.generate(prompts, spec.num_samples, spec.temperature, spec.top_p, max_new_tokens, seed)
     rows, total = [], 0.0
     for index, (problem, samples) in enumerate(zip(problems, completions, strict=True)):
-        verdicts = [is_correct(text, problem.answer) for text in samples]
+        verdicts = [grade(text, problem.answer) for text in samples]
         total += sum(verdicts) / len(verdicts)
         row = {"index": index, "answer": problem.answer, "predicted": [last_boxed(t) for t in samples]}
         row["correct"] = verdicts
@@ -141,11 +156,23 @@ def evaluate(
     seed: int = 0,
     chat_template_kwargs: dict[str, Any] | None = None,
     keep_completions: bool = False,
+    grader: str = DEFAULT_GRADER,
+    prompt: str = DEFAULT_PROMPT,
 ) -> dict[str, BenchmarkResult]:
     """Every requested benchmark, in order, with the paper's protocol."""
     return {
         name: evaluate_benchmark(
-            name, problems, generator, tokenizer, None, max_new_tokens, seed, chat_template_kwargs, keep_completions
+            name,
+            problems,
+            generator,
+            tokenizer,
+            None,
+            max_new_tokens,
+            seed,
+            chat_template_kwargs,
+            keep_completions,
+            grader,
+            prompt,
         )
         for name, problems in benchmarks.items()
     }
@@ -170,7 +197,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", help="dtype for loading the model: auto, bf16/bfloat16, fp16/float16, fp32/float32"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-thinking", action="store_true", help="pass enable_thinking=False to the chat template")
+    parser.add_argument(
+        "--no-thinking", action="store_true", help="pass enable_thinking=False to the chat template (the paper: on)"
+    )
+    parser.add_argument(
+        "--grader",
+        choices=tuple(GRADERS),
+        default=DEFAULT_GRADER,
+        help="paper: math-verify on the whole text and the raw answer, as the paper (comparable with its table); "
+        "boxed: fura's math-verify check of the last \\boxed{}",
+    )
+    parser.add_argument(
+        "--prompt", choices=tuple(PROMPTS), default=DEFAULT_PROMPT, help="paper: rl/boxed.prompt; fura: fura's own"
+    )
     parser.add_argument("--output", default="math_eval.json", help="where to write the JSON results")
     parser.add_argument("--save-completions", action="store_true", help="keep every completion in the JSON")
 
@@ -216,6 +255,11 @@ def _vllm_generator(model: Any, tokenizer: Any, name: str, dtype: str, workdir: 
     return VLLMGenerator(name, dtype=str(resolved).removeprefix("torch."))
 
 
+def chat_template_kwargs(no_thinking: bool) -> dict[str, Any] | None:
+    """The chat template's options: its default (Qwen3: thinking on, as the RL recipes train), or thinking off."""
+    return {"enable_thinking": False} if no_thinking else None
+
+
 def results_table(results: dict[str, BenchmarkResult], title: str):
     """A rich table: accuracy per benchmark and their average."""
     from rich.table import Table
@@ -248,14 +292,22 @@ def run(args: argparse.Namespace) -> int:
         args.dtype,
         device="cpu" if backend == "vllm" else None,  # vLLM only needs the model merged, not on the GPU twice
     )
-    template_kwargs = {"enable_thinking": False} if args.no_thinking else None
+    template_kwargs = chat_template_kwargs(args.no_thinking)
     with tempfile.TemporaryDirectory() as workdir:
         if backend == "vllm":
             generator: Generator = _vllm_generator(model, tokenizer, args.model, args.dtype, workdir)
         else:
             generator = TransformersGenerator(model, tokenizer, args.batch_size)
         results = evaluate(
-            generator, tokenizer, benchmarks, args.max_new_tokens, args.seed, template_kwargs, args.save_completions
+            generator,
+            tokenizer,
+            benchmarks,
+            args.max_new_tokens,
+            args.seed,
+            template_kwargs,
+            args.save_completions,
+            args.grader,
+            args.prompt,
         )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -264,9 +316,12 @@ def run(args: argparse.Namespace) -> int:
         "adapter": args.adapter,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
+        "grader": args.grader,
+        "prompt": args.prompt,
+        "thinking": not args.no_thinking,
         "results": {name: asdict(result) for name, result in results.items()},
     }
     output.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    Console().print(results_table(results, f"math eval: {args.adapter or args.model}"))
+    Console().print(results_table(results, f"math eval ({args.grader} grader): {args.adapter or args.model}"))
     logger.info("wrote %s", output)
     return 0

@@ -23,7 +23,11 @@ vqav2         llava_vqav2_mscoco_test-dev2015     submission ``[{"question_id", 
 vizwiz        test.json, test/                    submission ``[{"image", "answer"}]`` for EvalAI
 ============  ==================================  ============================================================
 
-See docs/vlm_eval.md for the data layout and the paper's numbers.
+Prompts are tokenized as LLaVA does, the text around ``<image>`` chunk by chunk
+(`fura.vlm.data.tokenize_around_images`). By default questions are decoded in batches of 8 (left padded)
+in the model's dtype; ``--paper`` decodes as LLaVA-1.5's scripts do, in fp16 one question at a time, for
+like-for-like numbers (batching and bf16 can flip a greedy answer). See docs/vlm_eval.md for the data
+layout and the paper's numbers.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 POPE_SPLITS = ("random", "popular", "adversarial")
+DEFAULT_BATCH_SIZE = 8
+PAPER_DTYPES = ("fp16", "float16")  # LLaVA-1.5 loads in fp16 (model/builder.py), batch 1 (eval/model_vqa_loader.py)
 LETTERS = "ABCDE"
 #: LLaVA-1.5's table order; VQAv2 and VizWiz are scored by their servers.
 BENCHMARKS = ("vqav2", "gqa", "vizwiz", "sqa", "textvqa", "pope", "mmbench")
@@ -568,12 +574,32 @@ def open_image(sample: Sample, benchmark: str):
         raise VLMDataError(f"{benchmark} sample {sample.id}: cannot read {where} ({err})") from None
 
 
+def prompt_inputs(tokenizer: Any, prompts: Sequence[str], image_token_id: int, image_tokens: int) -> dict[str, Any]:
+    """Left-padded ``input_ids`` and ``attention_mask`` of ``prompts``, tokenized around ``<image>`` as LLaVA does,
+    each image token repeated ``image_tokens`` times (the model's ``image_seq_length``)."""
+    import torch
+
+    from fura.vlm.data import tokenize_around_images
+
+    rows = []
+    for prompt in prompts:
+        ids, _ = tokenize_around_images(tokenizer, prompt, image_token_id)
+        rows.append([t for token in ids for t in ([token] * image_tokens if token == image_token_id else [token])])
+    longest = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, longest - len(row) :] = torch.tensor(row)
+        attention_mask[index, longest - len(row) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def generate_answers(
     model: Any,
     processor: Any,
     samples: Sequence[Sample],
     benchmark: str,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = 128,
 ) -> tuple[list[str], list[str]]:
     """(prompts, responses): greedy batched generation with left padding, the new text of each, stripped."""
@@ -585,6 +611,7 @@ def generate_answers(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     image_token = getattr(processor, "image_token", "<image>")
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     prompts = [build_prompt(s.question, image_token) for s in samples]
@@ -592,6 +619,9 @@ def generate_answers(
     for start in tqdm(range(0, len(samples), batch_size), desc=benchmark, unit="batch", leave=False):
         images = [open_image(s, benchmark) for s in samples[start : start + batch_size]]
         batch = processor(images=images, text=prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        # the processor gives the pixels and the image-token count; LLaVA's tokenization gives the ids
+        image_tokens = int((batch["input_ids"][0] == image_token_id).sum())
+        batch.update(prompt_inputs(tokenizer, prompts[start : start + batch_size], image_token_id, image_tokens))
         batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             generated = model.generate(
@@ -675,9 +705,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", action="append", default=[], metavar="NAME=DIR", help="a benchmark's directory elsewhere"
     )
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark (POPE: of each split)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--batch-size", type=int, help=f"prompts per generate call (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="LLaVA's short-answer budget (default 128)")
-    parser.add_argument("--dtype", default="auto", help="auto, bf16/bfloat16, fp16/float16 or fp32/float32")
+    parser.add_argument("--dtype", help="auto (the default), bf16/bfloat16, fp16/float16 or fp32/float32")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="decode as LLaVA-1.5's scripts: fp16, one question at a time (like-for-like with the paper's numbers)",
+    )
     parser.add_argument(
         "--server-scores",
         action="append",
@@ -686,6 +721,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fill in a server's score (vqav2=78.5,vizwiz=50.0) so the table's average covers all seven",
     )
     parser.add_argument("--output-dir", help="where JSON results and submission files go (default: <model>/eval_vlm)")
+
+
+def decoding(args: argparse.Namespace) -> tuple[str, int]:
+    """(dtype, batch size) of the run: fura's defaults, or with ``--paper`` LLaVA's fp16 and batch 1."""
+    if not args.paper:
+        return args.dtype or "auto", args.batch_size or DEFAULT_BATCH_SIZE
+    if args.dtype not in (None, *PAPER_DTYPES) or args.batch_size not in (None, 1):
+        raise UserError("--paper decodes in fp16 one question at a time, as LLaVA-1.5: drop --dtype and --batch-size")
+    return "float16", 1
 
 
 def load_model(model: str, base_model: str | None, dtype: str) -> tuple[Any, Any]:
@@ -751,10 +795,11 @@ def run(args: argparse.Namespace) -> int:
         output = Path(args.model) / "eval_vlm" if Path(args.model).is_dir() else Path("eval_vlm")
     output.mkdir(parents=True, exist_ok=True)
 
-    model, processor = load_model(args.model, args.base_model, args.dtype)
+    dtype, batch_size = decoding(args)
+    model, processor = load_model(args.model, args.base_model, dtype)
 
     def generate(batch: Sequence[Sample], name: str) -> tuple[list[str], list[str]]:
-        return generate_answers(model, processor, batch, name, args.batch_size, args.max_new_tokens)
+        return generate_answers(model, processor, batch, name, batch_size, args.max_new_tokens)
 
     scores: dict[str, float | None] = {}
     for name in names:
@@ -769,6 +814,7 @@ def run(args: argparse.Namespace) -> int:
         scores[name] = server.get(name, result["score"])
     known = [s for s in scores.values() if s is not None]
     summary = {"model": args.model, "scores": scores, "server_scores": server, "output_dir": str(output)}
+    summary.update(dtype=dtype, batch_size=batch_size, paper_decoding=args.paper)
     summary["average"] = sum(known) / len(known) if known else None
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     Console().print(results_table(scores, f"LLaVA-1.5 benchmarks (%) — {args.model}"))

@@ -7,10 +7,13 @@ mapping). Extra keys of this track:
 
     data_split: train              split of a datasets id (ignored for local files)
     num_train_problems: 7500       the first N records of the data
+    prompt: paper                  the user message (`fura.data.math.PROMPTS`: paper, fura)
+    reward: math_verify            the reward (`fura.rewards.REWARDS`: math_verify, is_equiv)
     model_args: {...}              keyword arguments of from_pretrained (e.g. attn_implementation)
     training_guard: {nonfinite: error}   or ``skip`` (see `fura.recipes.guard`)
 
-The reward is `fura.rewards.boxed_accuracy_reward` (math-verify on the last ``\\boxed{}``). With
+The reward checks the last ``\\boxed{}``: with math-verify (fura's default) or with the paper's
+Hendrycks string normalisation (``reward: is_equiv``). With
 ``use_vllm`` the policy's weights reach vLLM through TRL's merge/unmerge sync, which is exact for
 FuRA; over a 4-bit base (QFuRA) `FuraGRPOTrainer` pushes dense ``W0·M`` weights instead
 (`fura.vllm_sync`).
@@ -31,16 +34,25 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from fura import methods, quant, reporting
-from fura.data.math import MATH_TRAIN, MATH_TRAIN_SIZE, grpo_dataset, has_chat_template, load_problems
+from fura.data.math import (
+    DEFAULT_PROMPT,
+    MATH_TRAIN,
+    MATH_TRAIN_SIZE,
+    PROMPTS,
+    grpo_dataset,
+    has_chat_template,
+    load_problems,
+)
 from fura.loading import check_model_source
 from fura.recipes import guard
 from fura.recipes.config import RecipeError, build_method
-from fura.rewards import boxed_accuracy_reward
+from fura.rewards import REWARDS
 from fura.vllm_sync import DenseSyncVLLMGeneration, needs_dense_sync
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+DEFAULT_REWARD = "math_verify"
 
 
 class FuraGRPOTrainer(GRPOTrainer):
@@ -81,6 +93,8 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
 
     Returns the trainer (after training, or untrained with ``dry_run``) so callers can inspect it.
     """
+    prompt = _choice(recipe, "prompt", PROMPTS, DEFAULT_PROMPT)
+    reward = REWARDS[_choice(recipe, "reward", REWARDS, DEFAULT_REWARD)]
     args = grpo_config(recipe)
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     model_source = check_model_source(recipe["model"])
@@ -103,9 +117,9 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
     )
     trainer = FuraGRPOTrainer(
         model=model,
-        reward_funcs=boxed_accuracy_reward,
+        reward_funcs=reward,
         args=args,
-        train_dataset=grpo_dataset(problems, conversational=has_chat_template(tokenizer)),
+        train_dataset=grpo_dataset(problems, conversational=has_chat_template(tokenizer), prompt=prompt),
         processing_class=tokenizer,
     )
     nonfinite = guard.attach(trainer, recipe)
@@ -121,6 +135,14 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
         tokenizer.save_pretrained(output_dir)
         _report(output_dir, recipe, trainer, (trainable, total), seconds, nonfinite.skipped_steps)
     return trainer
+
+
+def _choice(recipe: dict[str, Any], key: str, choices: dict[str, Any], default: str) -> str:
+    """The recipe's ``key`` (``default`` when absent), refused before any loading unless it names one of ``choices``."""
+    value = recipe.get(key) or default
+    if value not in choices:
+        raise RecipeError(f"recipe {recipe.get('_source', '')}: {key}: {value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def reward_series(log_history: list[dict[str, Any]]) -> tuple[list[int], list[float]]:

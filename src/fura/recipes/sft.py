@@ -4,7 +4,9 @@ The recipe (see :mod:`fura.recipes.config`) names the model, the method, the dat
 `TrainingArguments`; this module fills in the paper's defaults for what the recipe leaves out and
 runs transformers' `Trainer`. Recipe keys of this track:
 
-    data_args:  {max_length: 2048, val_size: 120, train_on_prompt: false, split: train}
+    data_args:  {max_length: 2048, val_size: 120, train_on_prompt: false, split: train, prompt: alpaca}
+                prompt: alpaca (fura's one template) or paper (the released code's strings, see
+                fura.data.commonsense); the evaluation after training uses the same style
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
     training:   TrainingArguments; ``report_to: auto`` means TensorBoard when it is installed
     training_guard: {nonfinite: error}   or ``skip`` (see :mod:`fura.recipes.guard`)
@@ -39,7 +41,13 @@ PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 3,
     "report_to": "auto",
 }
-DATA_DEFAULTS: dict[str, Any] = {"max_length": 2048, "val_size": 120, "train_on_prompt": False, "split": "train"}
+DATA_DEFAULTS: dict[str, Any] = {
+    "max_length": 2048,
+    "val_size": 120,
+    "train_on_prompt": False,
+    "split": "train",
+    "prompt": "alpaca",
+}
 
 
 def resolve_report_to(value: Any) -> Any:
@@ -129,8 +137,11 @@ def check_eval_config(recipe: dict[str, Any]) -> None:
         )
 
 
-def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """The commonsense protocol on the trained model when ``eval.dataset_dir`` exists (else None, logged)."""
+def evaluate_after_training(
+    model, tokenizer, eval_cfg: dict[str, Any], prompt: str = "alpaca"
+) -> dict[str, Any] | None:
+    """The commonsense protocol on the trained model, in its training ``prompt`` style, when ``eval.dataset_dir``
+    exists (else None, logged)."""
     import dataclasses
 
     from fura.evaluation.commonsense import (
@@ -155,7 +166,8 @@ def evaluate_after_training(model, tokenizer, eval_cfg: dict[str, Any]) -> dict[
     patterns = answer_patterns(data, eval_cfg.get("answer_patterns"), dataset_dir)
     settings = GenerationSettings(**{k: v for k, v in eval_cfg.items() if k in known})
     model.eval()
-    summary = summarize(evaluate_tasks(model, tokenizer, data, patterns, settings, eval_cfg.get("batch_size", 8)))
+    batch_size = eval_cfg.get("batch_size", 8)
+    summary = summarize(evaluate_tasks(model, tokenizer, data, patterns, settings, batch_size, prompt=prompt))
     from rich.console import Console
 
     Console().print(results_table(summary))
@@ -225,6 +237,7 @@ def run(
         seed=args.seed,
         train_on_prompt=data_args["train_on_prompt"],
         split=data_args["split"],
+        prompt=data_args["prompt"],
     )
     if val_ds is not None and args.eval_strategy == "no":
         logger.info(
@@ -268,7 +281,7 @@ def run(
     if losses:
         metrics["final_logged_loss"] = losses[-1]
     if args.should_save and eval_cfg:
-        accuracy = evaluate_after_training(trainer.model, tokenizer, eval_cfg)
+        accuracy = evaluate_after_training(trainer.model, tokenizer, eval_cfg, data_args["prompt"])
         if accuracy is not None:
             metrics["commonsense"] = accuracy
     save_and_report(trainer, recipe, tokenizer, summary, metrics, checkpoint, memory, start, nonfinite.skipped_steps)

@@ -14,8 +14,13 @@ frozen. Recipe keys of this track:
 
     data_args:  {max_length: 2048, image_folder: <dir of the data file>, check_images: true}
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
-    vlm:        {projector_lr: 2.0e-5, group_by_modality_length: true}
+    vlm:        {projector_lr: 2.0e-5, group_by_modality_length: true, global_batch_size: 128}
     training:   TrainingArguments (see fura.recipes.sft.training_arguments)
+
+``vlm.global_batch_size`` keeps LLaVA-1.5's batch of 128 on any number of processes: gradient accumulation
+is set to 128 ÷ (processes × per-device batch), 8 with one process at 16 per device, 1 on 8 GPUs. A batch
+that does not divide it, or a ``training.gradient_accumulation_steps`` that disagrees, is refused with the
+fix; ``null`` leaves the accumulation to ``training``.
 """
 
 from __future__ import annotations
@@ -33,9 +38,8 @@ logger = logging.getLogger(__name__)
 PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
     "num_train_epochs": 1,
-    "per_device_train_batch_size": 16,  # × 8 GPUs = global batch 128
+    "per_device_train_batch_size": 16,  # × 8 GPUs = global batch 128 (the accumulation follows vlm.global_batch_size)
     "per_device_eval_batch_size": 4,
-    "gradient_accumulation_steps": 1,
     "adam_beta1": 0.9,
     "adam_beta2": 0.999,
     "weight_decay": 0.0,
@@ -49,7 +53,7 @@ PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
 }
 DATA_DEFAULTS: dict[str, Any] = {"max_length": 2048, "image_folder": None, "check_images": True}
-VLM_DEFAULTS: dict[str, Any] = {"projector_lr": 2e-5, "group_by_modality_length": True}
+VLM_DEFAULTS: dict[str, Any] = {"projector_lr": 2e-5, "group_by_modality_length": True, "global_batch_size": 128}
 
 
 def _section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +155,19 @@ def run(
         raise RecipeError(
             f"recipe {recipe.get('_source', '')}: vlm.projector_lr must be a number, got {vlm_args['projector_lr']!r}"
         ) from None
-    args = training_arguments({**recipe, "training": {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}})
+    training = {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}
+    args = training_arguments({**recipe, "training": training})
+    if vlm_args["global_batch_size"]:
+        accumulation = _accumulation(recipe, args, int(vlm_args["global_batch_size"]))
+        if accumulation != args.gradient_accumulation_steps:
+            args = training_arguments({**recipe, "training": {**training, "gradient_accumulation_steps": accumulation}})
+    logger.info(
+        "global batch %d = %d per device × %d process(es) × %d accumulation steps",
+        args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        args.per_device_train_batch_size,
+        args.world_size,
+        args.gradient_accumulation_steps,
+    )
     processor, model = build_model(recipe)
     summary = run_summary(recipe, args, model)
     if not recipe.get("data"):
@@ -193,6 +209,27 @@ def run(
     metrics = dict(result.metrics)
     save_and_report(trainer, recipe, processor, summary, metrics, checkpoint, memory, start, nonfinite.skipped_steps)
     return summary
+
+
+def _accumulation(recipe: dict[str, Any], args: Any, global_batch: int) -> int:
+    """The accumulation steps that make ``global_batch``; a batch that cannot, or a conflicting setting, is refused."""
+    where = f"recipe {recipe.get('_source', '')}: vlm.global_batch_size={global_batch}"
+    per_step = args.per_device_train_batch_size * args.world_size
+    if global_batch % per_step:
+        raise RecipeError(
+            f"{where} is not a multiple of per_device_train_batch_size {args.per_device_train_batch_size} × "
+            f"{args.world_size} process(es); set training.per_device_train_batch_size to a divisor of "
+            f"{global_batch // args.world_size}, or vlm.global_batch_size=null"
+        )
+    accumulation = global_batch // per_step
+    asked = (recipe.get("training") or {}).get("gradient_accumulation_steps")
+    if asked is not None and asked != accumulation:
+        raise RecipeError(
+            f"{where} needs gradient_accumulation_steps {accumulation} with {args.per_device_train_batch_size} per "
+            f"device on {args.world_size} process(es), but training.gradient_accumulation_steps is {asked}; "
+            "drop it, or set vlm.global_batch_size=null"
+        )
+    return accumulation
 
 
 def _base(model):

@@ -6,8 +6,13 @@ does (``preprocess_multimodal`` + ``preprocess_v1``):
 
 - ``<image>`` is moved to the front of its turn (``"<image>\\n" + rest``);
 - the ``vicuna_v1`` template: ``SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>``;
-- labels on the assistant answers and their ``</s>`` only (found by character offsets, so the
-  tokenization is that of the whole conversation); never on image tokens;
+- the text chunks around ``<image>`` are tokenized separately (LLaVA's ``tokenizer_image_token``): with
+  Llama's dummy prefix the image is followed by ``▁ <0x0A>``, not by ``<0x0A>`` alone (`tokenize_around_images`);
+- labels on the assistant answers and their ``</s>`` only (found by character offsets), never on image
+  tokens. Each answer's span starts at the space before it, as LLaVA's mask does: Llama's tokenizer emits
+  a lone ``▁`` before an answer that starts with a digit, and LLaVA trains on it;
+- every record's ``<image>`` count is checked when the dataset is built, so a stray ``<image>`` in a
+  text-only record stops the run before training, not when the record is reached;
 - the one ``<image>`` token is expanded to the model's image-token count *before* truncating to
   ``max_length``, so the limit counts what the model sees (a limit that would cut the image is an error).
 
@@ -68,12 +73,38 @@ def render(
             text += f"{ROLES['human']}: {value} "
         else:
             text += f"{ROLES['gpt']}: "
-            start = len(text)
+            start = len(text) - 1  # the space: Llama's lone "▁" before a digit answer is a target in LLaVA
             text += value + eos
             spans.append((start, len(text)))
     if not spans:
         raise DataFormatError(f"record {record_id!r}: no assistant ('gpt') turn to learn from")
     return text, spans
+
+
+def tokenize_around_images(tokenizer, text: str, image_token_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` and their character offsets, tokenized as LLaVA's ``tokenizer_image_token`` does.
+
+    Each text chunk between ``<image>`` markers is tokenized on its own (only the first gets the BOS), and
+    the chunks are joined by one image token each. With Llama's dummy prefix a chunk starts with ``▁``, so
+    ``USER: <image>\\n`` becomes ``▁ <image> ▁ <0x0A>``: the input LLaVA-1.5 was trained and evaluated on.
+    """
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    position = 0
+    for index, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if index:
+            ids.append(image_token_id)
+            offsets.append((position - len(IMAGE_TOKEN), position))
+        encoded = tokenizer(chunk, return_offsets_mapping=True, add_special_tokens=index == 0)
+        ids += encoded["input_ids"]
+        offsets += [(start + position, end + position) for start, end in encoded["offset_mapping"]]
+        position += len(chunk) + len(IMAGE_TOKEN)
+    return ids, offsets
+
+
+def image_count(conversations: Sequence[dict[str, Any]]) -> int:
+    """How many ``<image>`` tokens a conversation renders to: one per turn that mentions it (see `render`)."""
+    return sum(isinstance(turn, dict) and IMAGE_TOKEN in str(turn.get("value", "")) for turn in conversations)
 
 
 def generation_prompt(question: str, image: bool = True) -> str:
@@ -106,6 +137,24 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             )
         record.setdefault("id", i)
     return records
+
+
+def check_image_tokens(records: Sequence[dict[str, Any]]) -> None:
+    """Refuse, naming up to five, the records whose ``<image>`` count is not 1 with an image and 0 without."""
+    wrong = [
+        (record["id"], bool(record.get("image")), count)
+        for record in records
+        if (count := image_count(record["conversations"])) != int(bool(record.get("image")))
+    ]
+    if wrong:
+        shown = "; ".join(
+            f"record {rid!r} has {'an image' if has_image else 'no image'} but {count} {IMAGE_TOKEN} token(s)"
+            for rid, has_image, count in wrong[:5]
+        )
+        raise DataFormatError(
+            f"{len(wrong)} record(s) with a wrong {IMAGE_TOKEN} count (LLaVA-1.5 needs exactly 1 with an image, "
+            f"0 without): {shown}"
+        )
 
 
 @dataclass
@@ -147,6 +196,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             )
         if max_length <= image_tokens:
             raise DataFormatError(f"max_length {max_length} leaves no room for text after {image_tokens} image tokens")
+        check_image_tokens(records)
         if check_images:
             missing = [
                 (r["id"], self.image_folder / r["image"])
@@ -176,15 +226,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         rid = record["id"]
         has_image = bool(record.get("image"))
         text, spans = render(record["conversations"], rid, eos=self.tokenizer.eos_token)
-        encoded = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        n_images = ids.count(self.image_token_id)
-        if n_images != int(has_image):
-            what = f"an image ({record.get('image')})" if has_image else "no image"
-            raise DataFormatError(
-                f"record {rid!r} has {what} but {n_images} {IMAGE_TOKEN} token(s) in its conversation; "
-                f"LLaVA-1.5 needs exactly {int(has_image)}"
-            )
+        ids, offsets = tokenize_around_images(self.tokenizer, text, self.image_token_id)
         input_ids, labels = [], []
         for token, (start, end) in zip(ids, offsets, strict=True):
             if token == self.image_token_id:
