@@ -45,12 +45,17 @@ class OutputError(UserError):
     refused a write."""
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """The free space on the filesystem holding ``path`` (or its nearest existing parent), e.g. ``'1.2 GB'``."""
+def _free_bytes(path: str | os.PathLike) -> int:
+    """The free bytes on the filesystem holding ``path`` (or its nearest existing parent)."""
     existing = Path(path).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    free = float(shutil.disk_usage(existing).free)
+    return shutil.disk_usage(existing).free
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The free space on the filesystem holding ``path`` (or its nearest existing parent), e.g. ``'1.2 GB'``."""
+    free = float(_free_bytes(path))
     for unit in ("B", "KB", "MB", "GB"):
         if free < 1000:
             return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
@@ -66,7 +71,11 @@ def describe_fault(err: BaseException, directory: str | os.PathLike) -> str | No
     elif isinstance(err, (RuntimeError, SafetensorError)) and _LIBRARY_FAULT.search(str(err)):
         match = _LIBRARY_REASON.search(str(err))
         path = directory
-        reason = (match["strerror"] or match["io"]) if match else "the write stopped short (is the disk full?)"
+        if match:
+            reason = match["strerror"] or match["io"]
+        else:  # torch's "unexpected pos": a short write, which on a filesystem with no room left means it is full
+            full = _free_bytes(path) < 2**20
+            reason = os.strerror(errno.ENOSPC) if full else "the write stopped short"
     else:
         return None
     return f"cannot write {path}: {reason} ({free_space(path)} free there)"
@@ -77,10 +86,14 @@ def check_writable(directory: str | os.PathLike) -> None:
     filesystem is found before a model loads."""
     directory = Path(directory)
     with _faults(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".fura-write-test-{os.getpid()}"
-        probe.write_bytes(b"fura")
-        probe.unlink()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".fura-write-test-{os.getpid()}"
+            probe.write_bytes(b"fura")
+            probe.unlink()
+        except OSError as err:
+            err.filename = str(directory)  # the directory asked for, not a parent or the probe file
+            raise
 
 
 @contextlib.contextmanager
