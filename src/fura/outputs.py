@@ -124,6 +124,11 @@ def contents(directory: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name != LOCK) if directory.is_dir() else []
 
 
+def shown(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for a message, and how many more there are."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def move_aside(directory: str | os.PathLike) -> Path:
     """Move everything in ``directory`` but the run lock into a new sibling ``DIR.previous-<timestamp>`` (logged),
     leaving ``directory`` in place and empty; returns the new directory. Nothing is deleted."""
@@ -151,9 +156,8 @@ def refuse_non_empty(target: Path, overwrite: bool, flag: str = "--output") -> N
         raise OutputError(f"{flag} {target} is a file, not a directory")
     names = contents(target)
     if names and not overwrite:
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise OutputError(
-            f"{flag} {target} is not empty ({shown}): pass --overwrite to move its contents aside to "
+            f"{flag} {target} is not empty ({shown(names)}): pass --overwrite to move its contents aside to "
             f"{target}.previous-<time>, or choose another {flag}"
         )
 

@@ -75,15 +75,15 @@ def claim(output_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if resume and (any(n.startswith("checkpoint-") for n in names) or "run.json" not in names):
         return
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     if resume:
         raise outputs.OutputError(
-            f"--resume: {output_dir} holds a finished run ({shown}) and no checkpoint to resume from; "
-            "pass --overwrite to move it aside and train afresh, or choose another --output-dir"
+            f"--resume: {output_dir} holds a finished run ({outputs.shown(names)}) and no checkpoint to resume "
+            "from; pass --overwrite to move it aside and train afresh, or choose another --output-dir"
         )
     raise outputs.OutputError(
-        f"{output_dir} is not empty ({shown}): pass --resume to continue the run in it, or --overwrite to move its "
-        f"contents aside to {output_dir}.previous-<time> and train afresh, or choose another --output-dir"
+        f"{output_dir} is not empty ({outputs.shown(names)}): pass --resume to continue the run in it, or "
+        f"--overwrite to move its contents aside to {output_dir}.previous-<time> and train afresh, "
+        "or choose another --output-dir"
     )
 
 
