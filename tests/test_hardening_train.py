@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from conftest import save_tiny_llama_dir
 from fura.cli import main
 from fura.data.commonsense import generate_prompt
+from fura.outputs import LOCK
 from fura.recipes import guard, sft
 from fura.recipes.config import load_recipe
 from test_hardening_cli import records
@@ -153,15 +154,18 @@ def test_sigkill_anywhere_resumes_to_the_same_adapter(workspace):
     assert first.returncode == -9, first.stderr[-2000:]
     assert (out / "checkpoint-4" / ADAPTER).is_file() and not (out / "checkpoint-4" / "trainer_state.json").exists()
     assert guard.is_complete(out / "checkpoint-2") and not guard.is_complete(out / "checkpoint-4")
+    killed_pid = json.loads((out / LOCK).read_text())["pid"]  # its lock is left: --resume takes it over
 
     second = train_subprocess(workspace, out, "step:7", resume=True)
     assert second.returncode == -9, second.stderr[-2000:]
     logged = " ".join(second.stderr.split())
     assert f"skipping partial checkpoint {out / 'checkpoint-4'}" in logged
+    assert f"taking over the lock of process {killed_pid}, which is gone" in logged
     assert guard.is_complete(out / "checkpoint-6") and not (out / "checkpoint-8").exists()
 
     third = train_subprocess(workspace, out, None, resume=True)
     assert third.returncode == 0, third.stderr[-2000:]
+    assert not (out / LOCK).exists()
     run = json.loads((out / "run.json").read_text())
     assert run["resumed_from"].endswith("checkpoint-6") and run["global_steps"] == 8
     resumed, reference = load_file(str(out / ADAPTER)), load_file(str(Path(straight["output_dir"]) / ADAPTER))

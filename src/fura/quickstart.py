@@ -832,6 +832,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fura import outputs
+
+    with outputs.writing(args.output_dir):  # writable before anything runs; a full disk is one line
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -15,7 +15,12 @@ kill in the middle leaves a directory that looks like a checkpoint. After the Tr
 of it, the marker callback writes ``fura_checkpoint.json`` (atomically: temporary name, then rename)
 listing every file and its size. `last_complete_checkpoint` accepts only checkpoints whose marker
 matches their files, so ``--resume`` continues from the last complete one and says which partial
-ones it skipped (and removes them, so the rerun can write those steps afresh).
+ones it skipped (and moves them aside, so the rerun can write those steps afresh).
+
+**Checkpoint rotation** (``save_total_limit``) is the marker's, not the Trainer's: the marker also records the
+run (an id a resumed run inherits from its checkpoint), and after marking a checkpoint complete it removes only
+the oldest complete checkpoints *of this run*. Checkpoints of another run, or partial ones, are never removed; and
+the previous checkpoint goes only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +108,27 @@ class NonFiniteGuard(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
-        _maybe_kill("step", state.global_step)
+        maybe_kill("step", state.global_step)
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete (``fura_checkpoint.json``: its files and sizes) once the Trainer has written it."""
+    """Marks a checkpoint complete (``fura_checkpoint.json``: its files, sizes and run) once the Trainer has written
+    it, then keeps at most ``keep`` of this run's checkpoints (None: all)."""
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep
+        self.run_id: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer has loaded a resumed checkpoint's state by now: its run continues.
+        resumed = Path(args.output_dir) / f"checkpoint-{state.global_step}" if state.global_step else None
+        self.run_id = (resumed and _run_of(resumed)) or uuid.uuid4().hex
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            write_marker(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.run_id)
+            if self.keep:
+                rotate(args.output_dir, self.run_id, self.keep, state.best_model_checkpoint)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -123,19 +141,21 @@ def attach(trainer: Any, recipe: dict[str, Any]) -> NonFiniteGuard:
     guard = NonFiniteGuard.from_recipe(recipe)
     trainer.add_callback(guard)
     # First in line: a checkpoint is complete once the Trainer has written it, whatever other callbacks do next.
-    trainer.callback_handler.callbacks.insert(0, CheckpointMarker())
+    # The marker rotates instead of the Trainer, which would remove any run's checkpoint-* before marking the new one.
+    trainer.callback_handler.callbacks.insert(0, CheckpointMarker(trainer.args.save_total_limit))
+    trainer.args.save_total_limit = None
     if os.environ.get(KILL_ENV, "").startswith("save:"):
         save = trainer._save_optimizer_and_scheduler
 
         def save_then_maybe_die(output_dir: str) -> None:
-            _maybe_kill("save", trainer.state.global_step)
+            maybe_kill("save", trainer.state.global_step)
             save(output_dir)
 
         trainer._save_optimizer_and_scheduler = save_then_maybe_die
     return guard
 
 
-def _maybe_kill(where: str, step: int) -> None:
+def maybe_kill(where: str, step: int | str) -> None:
     if os.environ.get(KILL_ENV) == f"{where}:{step}":
         logger.warning("%s=%s: killing this process", KILL_ENV, os.environ[KILL_ENV])
         os.kill(os.getpid(), signal.SIGKILL)
@@ -149,15 +169,16 @@ def _manifest(checkpoint: Path) -> dict[str, int]:
     }
 
 
-def write_marker(checkpoint: Path) -> None:
-    """Write ``checkpoint/fura_checkpoint.json`` atomically, after fsyncing the files it lists."""
+def write_marker(checkpoint: Path, run_id: str | None = None) -> None:
+    """Write ``checkpoint/fura_checkpoint.json`` (its files, and the run that wrote it) atomically, after fsyncing
+    the files it lists."""
     files = _manifest(checkpoint)
     for name in files:
         with open(checkpoint / name, "rb") as handle:
             os.fsync(handle.fileno())
     tmp = checkpoint / f".{MARKER}.tmp"
     with open(tmp, "w") as handle:
-        json.dump({"files": files}, handle)
+        json.dump({"files": files, "run": run_id}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, checkpoint / MARKER)
@@ -172,6 +193,35 @@ def is_complete(checkpoint: Path) -> bool:
         return False
 
 
+def _run_of(checkpoint: Path) -> str | None:
+    """The run id in a checkpoint's marker (None without one, or from before fura recorded it)."""
+    try:
+        return json.loads((checkpoint / MARKER).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The ``checkpoint-N`` directories in ``root``, oldest step first."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def rotate(output_dir: str | os.PathLike, run_id: str, keep: int, best: str | None = None) -> None:
+    """Remove the oldest complete checkpoints of run ``run_id`` beyond ``keep``, never the newest nor ``best``
+    (transformers' ``save_total_limit`` rule, restricted to the run's own complete checkpoints)."""
+    ours = [path for path in _checkpoints(Path(output_dir)) if _run_of(path) == run_id and is_complete(path)]
+    protected = {ours[-1]} | ({Path(best)} if best else set()) if ours else set()
+    excess = len(ours) - max(keep, len(protected))
+    for path in ours:
+        if excess <= 0:
+            break
+        if path not in protected:
+            logger.info("save_total_limit=%d: removing %s, an older checkpoint of this run", keep, path)
+            shutil.rmtree(path)
+            excess -= 1
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike, log: bool = True) -> str | None:
     """The newest complete ``checkpoint-N`` in ``output_dir`` (None if none); with ``log``, partial newer ones
     are reported and moved aside to ``partial-checkpoint-N`` (never deleted: a checkpoint written without the
@@ -179,10 +229,7 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, log: bool = True) ->
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    checkpoints = sorted(
-        (int(m.group(1)), path) for path in root.iterdir() if path.is_dir() and (m := _CHECKPOINT.match(path.name))
-    )
-    for _, path in reversed(checkpoints):
+    for path in reversed(_checkpoints(root)):
         if is_complete(path):
             return str(path)
         if log:
