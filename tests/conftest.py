@@ -149,7 +149,7 @@ def save_tiny_llama_dir(path: Path, texts: list[str], hidden_size: int = 64) -> 
     """Write a tiny Llama and a word-level tokenizer fitted to ``texts`` into ``path``, loadable by from_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fura.quickstart import build_tokenizer
+    from fura.experiments.quickstart.pretrain import build_tokenizer
 
     tokenizer = build_tokenizer(texts, path)
     torch.manual_seed(0)

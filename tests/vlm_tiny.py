@@ -28,7 +28,7 @@ def write_parts(root: Path, seed: int = 0, text_hidden: int = 64, vision_hidden:
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from fura.quickstart import build_tokenizer
+    from fura.experiments.quickstart.pretrain import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
