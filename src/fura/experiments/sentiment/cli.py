@@ -58,7 +58,7 @@ class SentimentSettings:
 
 
 def run_experiment(
-    output_dir: Path, settings: SentimentSettings, methods: list[str], lexicon_path: Path, progress=None
+    settings: SentimentSettings, methods: list[str], lexicon_path: Path, progress=None
 ) -> dict[str, Any]:
     """The whole experiment; returns what results.json holds."""
     import torch
@@ -87,7 +87,8 @@ def run_experiment(
         retention_inputs = "whole words of the model's vocabulary the lexicon does not rate"
         logger.info("the lexicon has %d neutral words: retention uses %s", len(words.neutral), retention_inputs)
     pad = tokenizer.pad_token_id
-    ids = {w: i for w, i in zip(*_words_and_ids(tokenizer, words, neutral, settings.template))}
+    every = sorted({w for w, _ in words.test + words.val + words.pool} | set(neutral))
+    ids = dict(zip(every, encode(tokenizer, every, settings.template)))
     test = [(ids[w], y) for w, y in words.test]
     val = [(ids[w], y) for w, y in words.val]
     neutral_ids = [ids[w] for w in neutral]
@@ -139,11 +140,6 @@ def run_experiment(
             "base_retention": stats.linear_cka(base_embeddings, again),
         },
     )
-
-
-def _words_and_ids(tokenizer, words: lexicon.WordSplits, neutral: list[str], template: str):
-    every = sorted({w for w, _ in words.test + words.val + words.pool} | set(neutral))
-    return every, encode(tokenizer, every, template)
 
 
 def _lr_record(run: Run) -> dict[str, Any]:
@@ -285,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         with quiet_libraries(), progress_bar(console) as progress:
-            summary = run_experiment(output_dir, settings, methods, lexicon_path, progress)
+            summary = run_experiment(settings, methods, lexicon_path, progress)
     finally:
         torch.set_num_threads(threads)
     summary["wall_seconds"] = time.perf_counter() - start

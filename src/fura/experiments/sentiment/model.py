@@ -80,7 +80,6 @@ def train(
     epochs: int,
     batch_size: int,
     pad_id: int,
-    advance=None,
 ):
     """Fine-tune a copy of ``base`` with ``method`` on ``(token ids, label)`` pairs; returns the model.
 
@@ -116,8 +115,6 @@ def train(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if advance is not None:
-                advance()
     model.eval()
     return model
 
