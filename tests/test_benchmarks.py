@@ -27,6 +27,7 @@ TOY_ARGS = {
     "mixed_batch_bench": ["--reps", "1", "--seq", "4", "--hidden", "32", "--layers", "1"],
     "conversion_bench": ["--layers", "1"],
     "quant_error": ["--model", "tiny-llama"],
+    "experiment_cost": ["--reps", "1", "--methods", "fura", "--sizes", "256"],
 }
 
 
@@ -75,3 +76,7 @@ def test_benchmark_runs_and_writes_its_json(name, tmp_path):
         assert len(result["per_module_s"]) == 5
     elif name == "quant_error":
         assert set(result["summary"]) == {"nf4-base", "qfura", "paper-L=U", "paper-L=US"}
+    elif name == "experiment_cost":
+        assert set(result["per_run_seconds"]) == {"fura/256"} and result["per_run_seconds"]["fura/256"] > 0
+        assert result["projected"] == {}  # a subset projects nothing
+        assert len(result["load_average_1min"]) == 2

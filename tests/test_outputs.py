@@ -1,5 +1,5 @@
-"""Nothing a user made is lost: `fura train`/`export`/`quickstart` refuse, lock, move aside and report filesystem faults
-as one line. Faults are real (tmpfs mounts, read-only or tiny), the lock is held by real processes."""
+"""Nothing a user made is lost: `fura train`/`export`/`quickstart`/`experiment` refuse, lock, move aside and report
+filesystem faults as one line. Faults are real (tmpfs mounts, read-only or tiny), the lock is held by real processes."""
 
 from __future__ import annotations
 
@@ -288,10 +288,14 @@ def test_a_read_only_output_dir_is_one_line_before_anything_loads(workspace, fin
         "train": train_argv(workspace, directory / "run", "--model", MISSING_MODEL),
         "export": ["export", "--adapter", str(finished), "--output", str(directory / "merged")],
         "quickstart": ["quickstart", "--fast", "--output-dir", str(directory / "quickstart")],
+        "experiment": ["experiment", "sentiment", "--fast", "--output-dir", str(directory / "sentiment")],
     }
     for name, argv in cases.items():
         assert main(argv) == 2, name
-        target = directory / {"train": "run", "export": "merged", "quickstart": "quickstart"}[name]
+        target = (
+            directory
+            / {"train": "run", "export": "merged", "quickstart": "quickstart", "experiment": "sentiment"}[name]
+        )
         path = directory if name == "export" else target  # export writes beside --output, then renames
         assert error_line(capsys) == f"fura: error: cannot write {path}: {reason} ({free} free there)", name
 

@@ -10,7 +10,8 @@ import warnings
 import pytest
 
 from fura.cli import main
-from fura.quickstart import TASK_PATTERNS, QuickstartSettings, experiment_data, heldout_records, make_world
+from fura.experiments.quickstart.settings import TASK_PATTERNS, QuickstartSettings
+from fura.experiments.quickstart.world import experiment_data, heldout_records, make_world
 
 
 def _names(records, world):
@@ -134,12 +135,12 @@ def test_results_json_has_means_spreads_seeds_and_chosen_rates(fast_run):
 
 
 def test_one_trained_directory_per_method_and_noise_for_inspection(fast_run):
-    from fura.quickstart import _noise_dir
+    from fura.experiments.quickstart.finetune import noise_dir
 
     _, out, _, _ = fast_run
     for noise in QuickstartSettings.fast().label_noise:
         for method in ("fura", "lora", "full"):
-            directory = out / _noise_dir(noise) / method
+            directory = out / noise_dir(noise) / method
             run = json.loads((directory / "run.json").read_text())
             assert run["method"] == method and run["global_steps"] > 0 and run["seed"] == 0
             assert run["label_noise"] == noise

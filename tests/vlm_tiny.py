@@ -34,7 +34,7 @@ def write_parts(
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from fura.quickstart import build_tokenizer
+    from fura.experiments.quickstart.pretrain import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -4,6 +4,7 @@
     fura train --config CONFIG [opts]     a recipe (commonsense SFT, QFuRA, GRPO math RL, VLM): shipped name or YAML
     fura recipes [cp NAME DEST | path NAME]  the recipes that ship with fura
     fura eval commonsense|math [opts]     the paper's evaluation protocols
+    fura experiment sentiment [opts]      FuRA vs LoRA vs full on a real model and human ratings, with label noise
     fura export [opts]                    a merged dense model, for transformers or vLLM
 
 Subcommand modules export ``add_arguments(parser)`` and ``run(args) -> int``. Each keeps its
@@ -32,12 +33,18 @@ console = Console(stderr=True)
 
 # subcommand -> (module, help). "eval" has its own sub-subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("fura.quickstart", "run the end-to-end demo on an embedded default (no downloads)"),
+    "quickstart": ("fura.experiments.quickstart.cli", "run the end-to-end demo on an embedded default (no downloads)"),
     "train": ("fura.recipes.train", "train with a recipe (a shipped name or a YAML file) and command-line overrides"),
     "recipes": ("fura.recipes.cli", "list the shipped recipes, copy one out to edit, or print its path"),
     "export": ("fura.export", "merge an adapter into its base model and save a dense model"),
     "inspect": ("fura.inspect", "see what an adapter or fine-tune did to each layer's spectrum"),
     "vlm": ("fura.vlm.cli", "visual instruction tuning tools: assemble the LLaVA-1.5 starting model"),
+}
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "sentiment": (
+        "fura.experiments.sentiment.cli",
+        "FuRA vs LoRA vs full fine-tuning on all-MiniLM-L6-v2 and VADER's human ratings, with label noise",
+    ),
 }
 EVALS: dict[str, tuple[str, str]] = {
     "commonsense": ("fura.evaluation.commonsense", "the 8-task commonsense protocol"),
@@ -81,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         _add_module_parser(sub, name, module, help_text)
-    evaluate = sub.add_parser("eval", help="evaluate a model or adapter")
-    eval_sub = evaluate.add_subparsers(dest="benchmark", required=True)
-    for name, (module, help_text) in EVALS.items():
-        _add_module_parser(eval_sub, name, module, help_text)
+    for group, help_text, commands in (
+        ("eval", "evaluate a model or adapter", EVALS),
+        ("experiment", "controlled experiments on real pretrained weights", EXPERIMENTS),
+    ):
+        group_sub = sub.add_parser(group, help=help_text).add_subparsers(dest=group, required=True)
+        for name, (module, text) in commands.items():
+            _add_module_parser(group_sub, name, module, text)
     return parser
 
 
