@@ -123,20 +123,25 @@ def _gram_matrices(
     """``A_jᵀA_j`` (k, b, b) for the column blocks ``index`` of ``frame`` (all when None), accumulated in ``dtype``.
 
     One batched product over strided views, without copying the frame when it is already in ``dtype``.
-    Otherwise it casts chunks of about 16M elements, so the extra memory stays small.
+    Otherwise it casts chunks of about 16M elements, so the extra memory stays small. A stack of frames
+    (E, rows, cols), such as the experts of a Mixture-of-Experts layer, gives the E·n blocks expert-major.
     """
-    rows, cols = frame.shape
+    stack = frame.shape[0] if frame.ndim == 3 else 1
+    rows, cols = frame.shape[-2:]
     block = cols // n_blocks
-    count = n_blocks if index is None else len(index)
+    count = stack * n_blocks if index is None else len(index)
     gram = torch.zeros(count, block, block, dtype=dtype, device=frame.device)
-    needs_copy = frame.dtype != dtype or index is not None
-    chunk = max(1, (1 << 24) // max(count * block, 1)) if needs_copy else rows
+    needs_copy = frame.dtype != dtype or index is not None or frame.ndim == 3
+    chunk = max(1, (1 << 24) // max(stack * n_blocks * block, 1)) if needs_copy else rows
     # Full fp32 products: TF32 (or bf16 on CPU) under a lower matmul precision would void the check in block_svd.
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         for start in range(0, rows, chunk):
-            part = frame[start : start + chunk].reshape(-1, n_blocks, block)
+            if frame.ndim == 3:  # (E, t, n·b) → (t, E·n, b): one copy of the chunk, the blocks expert-major
+                part = frame[:, start : start + chunk].transpose(0, 1).reshape(-1, stack * n_blocks, block)
+            else:
+                part = frame[start : start + chunk].reshape(-1, n_blocks, block)
             if index is not None:
                 part = part[:, index]
             part = part.to(dtype).transpose(0, 1)  # (k, t, b)
@@ -190,7 +195,8 @@ def block_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors and singular values of each column block of ``frame``, largest first.
 
-    Returns ``V`` (n, b, r) and ``s`` (n, r), in fp64 when any block was computed in fp64, else fp32.
+    Returns ``V`` (n, b, r) and ``s`` (n, r), in fp64 when any block was computed in fp64, else fp32. A stack
+    of frames (E, rows, cols) is factorized in the same single batched call, giving (E·n, b, r) and (E·n, r).
     It works through each block's Gram matrix ``A_jᵀA_j`` (b × b) and its symmetric
     eigendecomposition. That never allocates a W-sized ``U`` and costs one pass over the weight. Only
     ``V`` and ``s`` matter here: the implicit form rebuilds ``U = A V / s`` exactly.
@@ -199,7 +205,7 @@ def block_svd(
     checked: a block whose eigenvalue spread exceeds what fp32 resolves (`FP32_TOLERANCE`) is redone
     in fp64 from the original weight. fp32 is 2–10× faster, since batched fp64 products are slower.
     """
-    cols = frame.shape[1]
+    cols = frame.shape[-1]
     block = cols // n_blocks
     if n_blocks * block != cols:
         raise ValueError(f"{cols} columns do not split into {n_blocks} blocks")
@@ -213,7 +219,9 @@ def block_svd(
         unresolved = eigvals[:, -1] * FP32_TOLERANCE < _EPS32 * eigvals[:, 0]
         if unresolved.any():
             index = unresolved.nonzero().squeeze(1)
-            logger.debug("%d of %d blocks are ill-conditioned for fp32; factorizing them in fp64", len(index), n_blocks)
+            logger.debug(
+                "%d of %d blocks are ill-conditioned for fp32; factorizing them in fp64", len(index), len(eigvals)
+            )
             exact_vals, exact_vecs = _sorted_eigh(_gram_matrices(frame, n_blocks, torch.float64, index), rank)
             eigvals, vectors = eigvals.double(), vectors.double()
             eigvals[index], vectors[index] = exact_vals, exact_vecs
@@ -247,7 +255,7 @@ def factorize(
             "(the implicit form only moves within the range of the pretrained blocks; a zero block stays zero)",
             clamped,
             s.numel(),
-            *frame.shape,
+            *frame.shape[-2:],
         )
     s = s.clamp_min(floor)
     # Each row pairs the scale on the frozen basis with the one on the trainable core.
@@ -364,7 +372,17 @@ def apply_fura_transform(
 
 
 def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``."""
+    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``.
+
+    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order. It is
+    differentiable in ``transform``: the expert layers compute their weight this way in every forward.
+    """
+    if frame.ndim == 3:
+        stack, rows, cols = frame.shape
+        n, b = transform.shape[0] // stack, transform.shape[-1]
+        blocks_first = frame.reshape(stack, rows, n, b).transpose(1, 2).reshape(stack * n, rows, b)
+        out = torch.bmm(blocks_first, transform)  # (E·n, rows, b)
+        return out.reshape(stack, n, rows, b).transpose(1, 2).reshape(stack, rows, cols)
     rows, cols = frame.shape
     n, b, _ = transform.shape
     out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
@@ -433,6 +451,7 @@ def fingerprint(weight: torch.Tensor, k: int = FINGERPRINT_SIZE[0]) -> torch.Ten
     all-MiniLM-L6-v2 and up to 0.31 on a tiny random 64×160 layer (whose own NF4 error is 0.25);
     two unrelated weights of the same shape, ≥ 1.27.
     """
+    weight = weight.reshape(-1, weight.shape[-1])  # a stack of expert weights is sketched as one tall matrix
     left, right = probe_matrices(*weight.shape, k)
     w = weight.detach().float()
     return left.to(w.device).T @ (w @ right.to(w.device))
