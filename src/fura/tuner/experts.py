@@ -229,5 +229,16 @@ class FuraExperts(nn.Module, FuraLayer):
         with _reads_as(self.get_base_layer(), self.parameter_name, self.adapted_parameter(active)):
             return self.base_layer(*args, **kwargs)
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """The wrapped module, with this wrapper's and every nested wrapper's adapters merged when ``merge``."""
+        layer = self
+        while isinstance(layer, FuraExperts):
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            layer = layer.base_layer
+        return layer
+
     def __repr__(self) -> str:
         return f"fura.{type(self).__name__}(parameter_name={self.parameter_name!r})\n  " + repr(self.base_layer)

@@ -178,6 +178,23 @@ def layer_spec(
     return LayerSpec(EXPLICIT, n, b, rank, fold, sigma_trainable, **common, m_blocks=m, out_block_size=a)
 
 
+def parameter_spec(
+    config: FuraConfig, key: str, module: nn.Module, shape: torch.Size, model_config: dict | None = None
+) -> LayerSpec:
+    """The `LayerSpec` of one targeted parameter ``key`` of ``module``: per matrix, with how many matrices it holds.
+
+    Expert parameters take the implicit form only; a config that needs the explicit layout is refused.
+    """
+    geometry = parameter_geometry(module, key.rpartition(".")[2], shape)
+    spec = layer_spec(config, key, geometry.out_features, geometry.in_features, model_config)
+    if spec.explicit:
+        raise UserError(
+            f"{key}: FuRA on target_parameters uses the implicit form only (train_position='small', decomp_mode "
+            "output_one_block or input_one_block); the explicit L·S·R layout is for nn.Linear modules"
+        )
+    return dataclasses.replace(spec, matrices=geometry.matrices)
+
+
 def _split(shape: SideShape, dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
     """(number of blocks, block size) of one side of a module: ``dim`` cut as ``shape`` says."""
     if shape == "closest":
@@ -331,15 +348,7 @@ class FuraModel(BaseTuner):
         return super()._prepare_adapter_config(peft_config, model_config)
 
     def _parameter_spec(self, config: FuraConfig, key: str, module: nn.Module, parameter: nn.Parameter) -> LayerSpec:
-        """The `LayerSpec` of one targeted parameter (per matrix, with how many matrices); raises if unsupported."""
-        geometry = parameter_geometry(module, key.rpartition(".")[2], parameter.shape)
-        spec = layer_spec(config, key, geometry.out_features, geometry.in_features, self.get_model_config(self.model))
-        if spec.explicit:
-            raise UserError(
-                f"{key}: FuRA on expert parameters uses the implicit form only (train_position='small', decomp_mode "
-                "output_one_block or input_one_block); the explicit L·S·R layout is for nn.Linear modules"
-            )
-        return dataclasses.replace(spec, matrices=geometry.matrices)
+        return parameter_spec(config, key, module, parameter.shape, self.get_model_config(self.model))
 
     def _inject_parameters(
         self, peft_config: FuraConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool
