@@ -349,11 +349,25 @@ class _FuraTransform(torch.autograd.Function):
             # y_j = x_j · W_j with W_j = M_jᵀ (or M_j with transpose): dL/dW_j = x_jᵀ g_j.
             grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(core.dtype)
             grad_m = grad_w if ctx.transpose else grad_w.transpose(1, 2)
-            if ctx.needs_input_grad[3]:
-                grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
-            if sigma is not None and ctx.needs_input_grad[2]:
-                grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
+            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
         return grad_x, grad_basis, grad_sigma, grad_core, None
+
+
+def _factor_grads(
+    grad_m: torch.Tensor,
+    basis: torch.Tensor,
+    sigma: torch.Tensor | None,
+    core: torch.Tensor,
+    scaled: torch.Tensor,
+    needed: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of σ and R from the gradient of ``M = B·diag(σ)·R`` (``scaled`` is ``B·diag(σ)``), where needed."""
+    grad_sigma = grad_core = None
+    if needed[1]:
+        grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
+    if sigma is not None and needed[0]:
+        grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
+    return grad_sigma, grad_core
 
 
 def apply_fura_transform(
@@ -374,19 +388,76 @@ def apply_fura_transform(
 def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``.
 
-    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order. It is
-    differentiable in ``transform``: the expert layers compute their weight this way in every forward.
+    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order (not
+    differentiable: `adapted_stack` is the training form).
     """
     if frame.ndim == 3:
-        stack, rows, cols = frame.shape
-        n, b = transform.shape[0] // stack, transform.shape[-1]
-        blocks_first = frame.reshape(stack, rows, n, b).transpose(1, 2).reshape(stack * n, rows, b)
-        out = torch.bmm(blocks_first, transform)  # (E·n, rows, b)
-        return out.reshape(stack, n, rows, b).transpose(1, 2).reshape(stack, rows, cols)
+        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
+        return _stack_blocks(frame, transform.to(frame.dtype), out)
     rows, cols = frame.shape
     n, b, _ = transform.shape
     out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
     return out.transpose(0, 1).reshape(rows, cols)
+
+
+def _stack_blocks(frame: torch.Tensor, transform: torch.Tensor, out: torch.Tensor, transpose: bool = False):
+    """``out[e][:, j] = frame[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack of frames (E, rows, n·b); returns ``out``.
+
+    One ``bmm`` per block column, batched over the stack, reading and writing strided views as `_block_matmul`
+    does: no copy of the frame, whatever its layout (a transposed gpt-oss stack included).
+    """
+    stack, _, cols = frame.shape
+    b = transform.shape[-1]
+    per_block = transform.reshape(stack, cols // b, b, b)
+    for j in range(cols // b):
+        m = per_block[:, j]
+        torch.bmm(frame[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
+    return out
+
+
+class _FuraStack(torch.autograd.Function):
+    """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
+
+    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
+    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, frame, basis, sigma, core):
+        transform = block_transform(basis, core, sigma).to(frame.dtype)
+        ctx.save_for_backward(frame, basis, sigma, core)
+        return _stack_blocks(frame, transform, torch.empty(frame.shape, dtype=frame.dtype, device=frame.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        frame, basis, sigma, core = ctx.saved_tensors
+        stack, _, cols = frame.shape
+        b = basis.shape[1]
+        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)
+        grad_frame = grad_sigma = grad_core = None
+        grad = grad.to(frame.dtype)
+        if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
+            transform = torch.bmm(scaled, core).to(grad.dtype)
+            grad_frame = _stack_blocks(grad, transform, torch.empty_like(grad), transpose=True)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
+            grad_m = torch.empty(stack, cols // b, b, b, dtype=grad.dtype, device=grad.device)
+            for j in range(cols // b):
+                columns = slice(j * b, (j + 1) * b)
+                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
+            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
+            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
+        return grad_frame, None, grad_sigma, grad_core
+
+
+def adapted_stack(
+    frame: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor | None, core: torch.Tensor
+) -> torch.Tensor:
+    """``A0 · blockdiag(M)`` for a stack of frames (E, rows, n·b), differentiable in R and σ (see `_FuraStack`).
+
+    The transforms come in `block_svd`'s expert-major order (E·n, b, b); the result is in ``frame``'s dtype.
+    """
+    return _FuraStack.apply(frame, basis, sigma, core)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fura import blocks
 from fura.errors import UserError
-from fura.tuner.layer import FuraLayer, LayerSpec
+from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,12 @@ class FuraExperts(nn.Module, FuraLayer):
         param = self._parameter()
         weight = stack_weights(param, self.geometry)
         for name in adapter_names:  # W0·M_a·M_b, in the order merged_weight composes them
-            spec = self.fura_spec[name]
-            weight = self.apply_transform(weight, spec.mode, self.transform(name, weight.dtype))
+            sigma = self.fura_sigma[name] if name in self.fura_sigma else None
+            factors = (self.fura_basis[name], sigma, self.fura_core[name])
+            if self.fura_spec[name].mode == FRAME_OUTPUT:
+                weight = blocks.adapted_stack(weight, *factors)
+            else:
+                weight = blocks.adapted_stack(weight.mT, *factors).mT
         return self._to_base_layout(weight).to(param.dtype)
 
     def _check_implementation(self) -> None:
