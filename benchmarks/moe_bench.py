@@ -38,7 +38,7 @@ from rich.table import Table
 from torch import nn
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from fura import FuraConfig
+from fura import FuraConfig, count_trainable_parameters
 from model_bench import _rss, make_step, sync
 
 METHODS = ("fura", "lora32")
@@ -46,6 +46,36 @@ LABELS = {"fura": "FuRA (q,k,v,o + experts)", "lora32": "LoRA r=32 (q,k,v,o + ex
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 QWEN3_30B_A3B = {"hidden": 2048, "moe_intermediate": 768, "experts": 128, "top_k": 8, "layers": 48}
+
+
+def lora_config() -> LoraConfig:
+    """LoRA r=32 (alpha 64, no dropout) on the targets FuRA takes by default in a Qwen3-MoE model."""
+    return LoraConfig(
+        r=32, lora_alpha=64, lora_dropout=0.0, target_modules=ATTENTION, target_parameters=EXPERT_PARAMETERS
+    )
+
+
+def qwen3_30b_a3b_counts() -> dict:
+    """Trainable parameters of FuRA and LoRA r=32 at Qwen3-30B-A3B's shapes, on the meta device (no weights)."""
+    config = Qwen3MoeConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+    )
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    fura_count = count_trainable_parameters(model, FuraConfig())
+    lora = get_peft_model(model, lora_config())
+    lora_count = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    return {"total": total, "fura": fura_count, "lora32": lora_count}
 
 
 def build(args: argparse.Namespace, method: str, device: torch.device):
@@ -79,10 +109,7 @@ def apply_method(model: nn.Module, method: str):
     if method == "fura":
         model = get_peft_model(model, FuraConfig())
     elif method == "lora32":
-        lora = LoraConfig(
-            r=32, lora_alpha=64, lora_dropout=0.0, target_modules=ATTENTION, target_parameters=EXPERT_PARAMETERS
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config())
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] or [nn.Parameter(torch.zeros(1))])
     return model, optimizer
@@ -164,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-memory", type=int, default=2, help="steps per memory measurement")
     parser.add_argument("--conversion-experts", type=int, default=16, help="experts in the timed conversion (0: skip)")
     parser.add_argument("--conversion-reps", type=int, default=3)
+    parser.add_argument("--skip-counts", action="store_true", help="skip the Qwen3-30B-A3B parameter counts")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one method's memory
     args = parser.parse_args(argv)
@@ -208,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     del steps
     gc.collect()
     conversion = conversion_time(args.conversion_experts, args.conversion_reps) if args.conversion_experts else None
+    counts = None if args.skip_counts else qwen3_30b_a3b_counts()
     load_after = os.getloadavg()
 
     median = {m: statistics.median(ts) for m, ts in times.items()}
@@ -238,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             f"experts measured, median {conversion['median_s']:.2f}s): {conversion['per_layer_128_experts_s']:.1f}s "
             f"per layer of 128 experts, {conversion['model_48_layers_s'] / 60:.1f} min for 48 layers"
         )
+    if counts:
+        console.print(
+            f"trainable at Qwen3-30B-A3B shapes (meta device, q,k,v,o + experts): FuRA {counts['fura']:,} "
+            f"({100 * counts['fura'] / counts['total']:.2f} %), LoRA r=32 {counts['lora32']:,} "
+            f"({100 * counts['lora32'] / counts['total']:.2f} %), of {counts['total']:,}"
+        )
     checks = {
         "FuRA time <= 1.00x LoRA r=32 (median round ratio)": paired_median["fura"] <= 1.0,
         "FuRA peak memory <= LoRA r=32": memory["fura"]["peak_bytes"] <= memory["lora32"]["peak_bytes"],
@@ -264,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory": memory,
         "trainable": trainable,
         "conversion": conversion,
+        "qwen3_30b_a3b_trainable": counts,
         "checks": checks,
     }
     out.write_text(json.dumps(result, indent=2))
