@@ -380,3 +380,19 @@ def test_sft_trainer_trains_a_tiny_qwen3_moe(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0] - 0.1, f"loss did not fall: {losses}"  # measured under load: 4.78 → 4.56
     assert not torch.equal(layer.fura_core["default"], initial), "the expert cores must train"
+
+
+def test_adapted_stack_gradients_are_exact():
+    """The expert stack's autograd node against finite differences, the frame's gradient included (two adapters)."""
+    torch.manual_seed(0)
+    stack, rows, n, b = 3, 5, 2, 4
+    frame = torch.randn(stack, rows, n * b, dtype=torch.float64)
+    fac = blocks.factorize(frame, n, b, "keep")
+    core = (fac.core + 0.1 * torch.randn_like(fac.core)).requires_grad_()
+    sigma = (fac.sigma * 1.1).requires_grad_()
+    frame.requires_grad_()
+    assert torch.autograd.gradcheck(blocks.adapted_stack, (frame, fac.basis, sigma, core))
+    assert fac.basis.shape == (stack * n, b, b)
+    with torch.no_grad():
+        merged = blocks.merge_into(frame, blocks.block_transform(fac.basis, core, sigma))
+    torch.testing.assert_close(blocks.adapted_stack(frame, fac.basis, sigma, core), merged, rtol=0, atol=1e-12)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -392,61 +393,84 @@ def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     differentiable: `adapted_stack` is the training form).
     """
     if frame.ndim == 3:
+        per_block = _by_expert(transform.to(frame.dtype), frame.shape[0])
         out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
-        return _stack_blocks(frame, transform.to(frame.dtype), out)
+        return _stack_blocks(frame, lambda j: per_block[:, j], out)
     rows, cols = frame.shape
     n, b, _ = transform.shape
     out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
     return out.transpose(0, 1).reshape(rows, cols)
 
 
-def _stack_blocks(frame: torch.Tensor, transform: torch.Tensor, out: torch.Tensor, transpose: bool = False):
+def _stack_blocks(
+    frame: torch.Tensor, transform: Callable[[int], torch.Tensor], out: torch.Tensor, transpose: bool = False
+) -> torch.Tensor:
     """``out[e][:, j] = frame[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack of frames (E, rows, n·b); returns ``out``.
 
-    One ``bmm`` per block column, batched over the stack, reading and writing strided views as `_block_matmul`
-    does: no copy of the frame, whatever its layout (a transposed gpt-oss stack included).
+    ``transform(j)`` gives block column j's transforms of every expert, (E, b, b). One ``bmm`` per block column,
+    batched over the stack, reads and writes strided views as `_block_matmul` does: no copy of the frame, whatever
+    its layout (a transposed gpt-oss stack included).
     """
-    stack, _, cols = frame.shape
-    b = transform.shape[-1]
-    per_block = transform.reshape(stack, cols // b, b, b)
-    for j in range(cols // b):
-        m = per_block[:, j]
+    first = transform(0)
+    b = first.shape[-1]
+    for j in range(frame.shape[-1] // b):
+        m = transform(j) if j else first
         torch.bmm(frame[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
     return out
+
+
+def _by_expert(tensor: torch.Tensor | None, stack: int) -> torch.Tensor | None:
+    """(E·n, …) in `block_svd`'s expert-major order → (E, n, …), a view."""
+    return None if tensor is None else tensor.reshape(stack, -1, *tensor.shape[1:])
 
 
 class _FuraStack(torch.autograd.Function):
     """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
 
-    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
-    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
+    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R. M is built one
+    block column at a time (E blocks), in forward and again in backward, so no tensor of all the M's exists: the
+    adapted stack costs the memory of its result only, which the experts' product keeps anyway.
     """
 
     @staticmethod
     def forward(ctx, frame, basis, sigma, core):
-        transform = block_transform(basis, core, sigma).to(frame.dtype)
+        stack = frame.shape[0]
+        basis_e, sigma_e, core_e = _by_expert(basis, stack), _by_expert(sigma, stack), _by_expert(core, stack)
+
+        def transform(j: int) -> torch.Tensor:
+            sigma_j = None if sigma_e is None else sigma_e[:, j]
+            return block_transform(basis_e[:, j], core_e[:, j], sigma_j).to(frame.dtype)
+
         ctx.save_for_backward(frame, basis, sigma, core)
         return _stack_blocks(frame, transform, torch.empty(frame.shape, dtype=frame.dtype, device=frame.device))
 
     @staticmethod
     def backward(ctx, grad):
         frame, basis, sigma, core = ctx.saved_tensors
-        stack, _, cols = frame.shape
-        b = basis.shape[1]
-        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)
-        grad_frame = grad_sigma = grad_core = None
+        stack, b = frame.shape[0], basis.shape[1]
+        scaled = _by_expert(basis if sigma is None else basis * sigma.unsqueeze(1), stack)  # B·diag(σ)
+        basis_e, sigma_e, core_e = _by_expert(basis, stack), _by_expert(sigma, stack), _by_expert(core, stack)
         grad = grad.to(frame.dtype)
+        grad_frame = grad_sigma = grad_core = None
         if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
-            transform = torch.bmm(scaled, core).to(grad.dtype)
+            transform = lambda j: torch.bmm(scaled[:, j], core_e[:, j]).to(grad.dtype)  # noqa: E731
             grad_frame = _stack_blocks(grad, transform, torch.empty_like(grad), transpose=True)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
-            grad_m = torch.empty(stack, cols // b, b, b, dtype=grad.dtype, device=grad.device)
-            for j in range(cols // b):
+        needed = ctx.needs_input_grad[2:4]
+        if any(needed):
+            grad_sigma = None if sigma is None or not needed[0] else torch.empty_like(sigma_e)
+            grad_core = torch.empty_like(core_e) if needed[1] else None
+            for j in range(frame.shape[-1] // b):
+                # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j, for every expert at once.
                 columns = slice(j * b, (j + 1) * b)
-                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
-            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
-            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
+                grad_m = torch.bmm(frame[..., columns].mT, grad[..., columns]).to(core.dtype)
+                sigma_j = None if sigma_e is None else sigma_e[:, j]
+                g_sigma, g_core = _factor_grads(grad_m, basis_e[:, j], sigma_j, core_e[:, j], scaled[:, j], needed)
+                if grad_sigma is not None:
+                    grad_sigma[:, j] = g_sigma
+                if grad_core is not None:
+                    grad_core[:, j] = g_core
+            grad_sigma = None if grad_sigma is None else grad_sigma.reshape(sigma.shape)
+            grad_core = None if grad_core is None else grad_core.reshape(core.shape)
         return grad_frame, None, grad_sigma, grad_core
 
 
