@@ -1,7 +1,7 @@
 """Mixture-of-Experts benchmark: one training step and its peak memory, FuRA against LoRA r=32 on the same targets.
 
 The model is Qwen3-MoE-shaped (experts as 3D parameters, real top-k routing), scaled to a CPU: by default
-hidden 512, 16 experts of width 192, top-4, 2 layers. Both methods adapt q, k, v, o and every expert's
+hidden 1024, 32 experts of width 384, top-4, 2 layers, 4 × 256 tokens. Both methods adapt q, k, v, o and every expert's
 gate, up and down: FuRA with its defaults (``FuraConfig()``), LoRA r=32 (alpha 64, no dropout) with
 ``target_parameters``. Time and memory are measured as in `model_bench.py`: interleaved rounds in one
 process (medians, and the median of each round's ratio), peak memory in a fresh process per method.
@@ -10,7 +10,7 @@ It also times the conversion of one MoE layer at Qwen3-30B-A3B's expert shapes (
 768, bf16) with ``--conversion-experts`` of its 128 experts, and extrapolates linearly (the block SVD is one
 batched call whose work grows with the number of experts) to 128 experts and to the model's 48 layers::
 
-    python benchmarks/moe_bench.py                       # CPU default
+    python benchmarks/moe_bench.py --forms               # CPU default, and the implicit form against ours
     python benchmarks/moe_bench.py --experts-implementation eager
 
 It prints a table and writes JSON to ``benchmarks/results/moe_bench_<device>.json``.
@@ -36,9 +36,11 @@ from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.nn import functional as F
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from fura import FuraConfig, count_trainable_parameters
+from fura.blocks import apply_fura_transform
 from model_bench import _rss, make_step, sync
 
 METHODS = ("fura", "lora32")
@@ -174,23 +176,101 @@ def conversion_time(experts: int, reps: int) -> dict:
     }
 
 
+def _implicit_experts(experts: nn.Module, layers: dict, hidden, index, weights) -> torch.Tensor:
+    """The implicit form, for comparison: each expert's routed tokens through ``blockdiag(M)`` before ``W0[e]``.
+
+    A per-expert loop as transformers' eager forward (Qwen3-MoE layout); gate and up have their own M.
+    """
+    width = experts.down_proj.shape[-1]
+
+    def factors(name: str, index: int) -> tuple:
+        layer = layers[name]
+        count = layer.geometry.matrices
+        basis, core = layer.fura_basis["default"], layer.fura_core["default"]
+        sigma = layer.fura_sigma["default"]
+        return tuple(t.reshape(count, -1, *t.shape[1:])[index] for t in (basis, sigma, core))
+
+    out = torch.zeros_like(hidden)
+    for e in index.unique().tolist():
+        tokens, slot = torch.where(index == e)
+        x = hidden[tokens]
+        gate_up = experts.gate_up_proj[e]
+        gate = F.linear(apply_fura_transform(x, *factors("gate_up_proj", 2 * e)), gate_up[:width])
+        up = F.linear(apply_fura_transform(x, *factors("gate_up_proj", 2 * e + 1)), gate_up[width:])
+        h = experts.act_fn(gate) * up
+        y = F.linear(apply_fura_transform(h, *factors("down_proj", e)), experts.down_proj[e])
+        out.index_add_(0, tokens, y * weights[tokens, slot, None])
+    return out
+
+
+def forward_forms(args: argparse.Namespace) -> dict:
+    """Median fwd+bwd seconds of one experts module: FuRA as a parametrization (per implementation) vs implicit."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    tokens = args.batch * args.seq
+    config = Qwen3MoeConfig(
+        hidden_size=args.hidden, moe_intermediate_size=args.moe_intermediate, num_experts=args.experts
+    )
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    experts = Qwen3MoeExperts(config)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0, 0.02)
+    config_fura = FuraConfig(target_modules=[], target_parameters=EXPERT_PARAMETERS, init_weights=False)
+    holder = get_peft_model(_Layer(experts), config_fura)
+    wrapper = holder.base_model.model.experts
+    layers = {layer.parameter_name: layer for layer in (wrapper, wrapper.base_layer)}
+    hidden = torch.randn(tokens, args.hidden)
+    index = torch.stack([torch.randperm(args.experts)[: args.top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, args.top_k)
+
+    def run(form: str) -> None:
+        if form == "implicit (per-expert loop)":
+            out = _implicit_experts(experts, layers, hidden, index, weights)
+        else:
+            config._experts_implementation = form.split()[-1]
+            out = wrapper(hidden, index, weights)
+        out.square().mean().backward()
+
+    forms = [
+        "implicit (per-expert loop)",
+        *(f"parametrization {impl}" for impl in ("eager", "grouped_mm", "batched_mm")),
+    ]
+    with torch.no_grad():  # both forms compute the same function (a random non-identity adapter)
+        torch.testing.assert_close(
+            _implicit_experts(experts, layers, hidden, index, weights), wrapper(hidden, index, weights)
+        )
+    times: dict[str, list[float]] = {form: [] for form in forms}
+    for form in forms:
+        run(form)  # warm-up
+    for rep in range(args.reps):
+        random.Random(rep).shuffle(forms)
+        for form in forms:
+            start = time.perf_counter()
+            run(form)
+            times[form].append(time.perf_counter() - start)
+    return {form: statistics.median(ts) for form, ts in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--moe-intermediate", type=int, default=192)
-    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--moe-intermediate", type=int, default=384)
+    parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=("eager", "grouped_mm", "batched_mm"))
-    parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds (after one warm-up)")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved timed rounds (after one warm-up)")
     parser.add_argument("--steps-memory", type=int, default=2, help="steps per memory measurement")
     parser.add_argument("--conversion-experts", type=int, default=16, help="experts in the timed conversion (0: skip)")
     parser.add_argument("--conversion-reps", type=int, default=3)
+    parser.add_argument("--forms", action="store_true", help="also time the implicit form against the parametrization")
     parser.add_argument("--skip-counts", action="store_true", help="skip the Qwen3-30B-A3B parameter counts")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--_memory", default=None, help=argparse.SUPPRESS)  # internal: one method's memory
@@ -237,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     conversion = conversion_time(args.conversion_experts, args.conversion_reps) if args.conversion_experts else None
     counts = None if args.skip_counts else qwen3_30b_a3b_counts()
+    forms = forward_forms(args) if args.forms else None
     load_after = os.getloadavg()
 
     median = {m: statistics.median(ts) for m, ts in times.items()}
@@ -273,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * counts['fura'] / counts['total']:.2f} %), LoRA r=32 {counts['lora32']:,} "
             f"({100 * counts['lora32'] / counts['total']:.2f} %), of {counts['total']:,}"
         )
+    if forms:
+        console.print(
+            "one experts module, fwd+bwd (median s): " + ", ".join(f"{form} {t:.4f}" for form, t in forms.items())
+        )
     checks = {
         "FuRA time <= 1.00x LoRA r=32 (median round ratio)": paired_median["fura"] <= 1.0,
         "FuRA peak memory <= LoRA r=32": memory["fura"]["peak_bytes"] <= memory["lora32"]["peak_bytes"],
@@ -300,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainable": trainable,
         "conversion": conversion,
         "qwen3_30b_a3b_trainable": counts,
+        "experts_forward_forms_s": forms,
         "checks": checks,
     }
     out.write_text(json.dumps(result, indent=2))
