@@ -419,58 +419,45 @@ def _stack_blocks(
     return out
 
 
-def _by_expert(tensor: torch.Tensor | None, stack: int) -> torch.Tensor | None:
+def _by_expert(tensor: torch.Tensor, stack: int) -> torch.Tensor:
     """(E·n, …) in `block_svd`'s expert-major order → (E, n, …), a view."""
-    return None if tensor is None else tensor.reshape(stack, -1, *tensor.shape[1:])
+    return tensor.reshape(stack, -1, *tensor.shape[1:])
 
 
 class _FuraStack(torch.autograd.Function):
     """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
 
-    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R. M is built one
-    block column at a time (E blocks), in forward and again in backward, so no tensor of all the M's exists: the
-    adapted stack costs the memory of its result only, which the experts' product keeps anyway.
+    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
+    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
+    The M's and their gradient exist only as transients the size of R, built with one batched product each: per
+    block column they would cost a few dozen small kernel launches more per step on a CPU.
     """
 
     @staticmethod
     def forward(ctx, frame, basis, sigma, core):
-        stack = frame.shape[0]
-        basis_e, sigma_e, core_e = _by_expert(basis, stack), _by_expert(sigma, stack), _by_expert(core, stack)
-
-        def transform(j: int) -> torch.Tensor:
-            sigma_j = None if sigma_e is None else sigma_e[:, j]
-            return block_transform(basis_e[:, j], core_e[:, j], sigma_j).to(frame.dtype)
-
+        per_block = _by_expert(block_transform(basis, core, sigma).to(frame.dtype), frame.shape[0])
         ctx.save_for_backward(frame, basis, sigma, core)
-        return _stack_blocks(frame, transform, torch.empty(frame.shape, dtype=frame.dtype, device=frame.device))
+        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
+        return _stack_blocks(frame, lambda j: per_block[:, j], out)
 
     @staticmethod
     def backward(ctx, grad):
         frame, basis, sigma, core = ctx.saved_tensors
         stack, b = frame.shape[0], basis.shape[1]
-        scaled = _by_expert(basis if sigma is None else basis * sigma.unsqueeze(1), stack)  # B·diag(σ)
-        basis_e, sigma_e, core_e = _by_expert(basis, stack), _by_expert(sigma, stack), _by_expert(core, stack)
+        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
         grad = grad.to(frame.dtype)
         grad_frame = grad_sigma = grad_core = None
         if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
-            transform = lambda j: torch.bmm(scaled[:, j], core_e[:, j]).to(grad.dtype)  # noqa: E731
-            grad_frame = _stack_blocks(grad, transform, torch.empty_like(grad), transpose=True)
-        needed = ctx.needs_input_grad[2:4]
-        if any(needed):
-            grad_sigma = None if sigma is None or not needed[0] else torch.empty_like(sigma_e)
-            grad_core = torch.empty_like(core_e) if needed[1] else None
-            for j in range(frame.shape[-1] // b):
-                # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j, for every expert at once.
+            per_block = _by_expert(torch.bmm(scaled, core).to(grad.dtype), stack)
+            grad_frame = _stack_blocks(grad, lambda j: per_block[:, j], torch.empty_like(grad), transpose=True)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
+            grad_m = torch.empty(stack, frame.shape[-1] // b, b, b, dtype=grad.dtype, device=grad.device)
+            for j in range(grad_m.shape[1]):
                 columns = slice(j * b, (j + 1) * b)
-                grad_m = torch.bmm(frame[..., columns].mT, grad[..., columns]).to(core.dtype)
-                sigma_j = None if sigma_e is None else sigma_e[:, j]
-                g_sigma, g_core = _factor_grads(grad_m, basis_e[:, j], sigma_j, core_e[:, j], scaled[:, j], needed)
-                if grad_sigma is not None:
-                    grad_sigma[:, j] = g_sigma
-                if grad_core is not None:
-                    grad_core[:, j] = g_core
-            grad_sigma = None if grad_sigma is None else grad_sigma.reshape(sigma.shape)
-            grad_core = None if grad_core is None else grad_core.reshape(core.shape)
+                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
+            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
+            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
         return grad_frame, None, grad_sigma, grad_core
 
 
