@@ -9,9 +9,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
