@@ -396,3 +396,10 @@ def test_adapted_stack_gradients_are_exact():
     with torch.no_grad():
         merged = blocks.merge_into(frame, blocks.block_transform(fac.basis, core, sigma))
     torch.testing.assert_close(blocks.adapted_stack(frame, fac.basis, sigma, core), merged, rtol=0, atol=1e-12)
+
+
+def test_low_cpu_mem_usage_load_is_exact(trained, tmp_path):
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_moe(), tmp_path, low_cpu_mem_usage=True)
+    ids = _ids()
+    assert torch.equal(_logits(loaded, ids), _logits(trained, ids))
