@@ -164,6 +164,9 @@ class FuraExperts(nn.Module, FuraLayer):
     batches are refused: routing gives each row its own experts, so no row-wise split of the weight exists.
     """
 
+    #: The implicit routed forward where it applies; False forces the parametrization (moe_bench compares the two).
+    routed = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, parameter_name: str, spec: LayerSpec, **kwargs: Any):
         super().__init__()
         self.parameter_name = self.weight_name = parameter_name
@@ -231,8 +234,82 @@ class FuraExperts(nn.Module, FuraLayer):
         if self.merged or not active:
             return self.base_layer(*args, **kwargs)
         self._check_implementation()
+        routed = self._routed_forward(*args, **kwargs)
+        if routed is not None:
+            return routed
         with _reads_as(self.get_base_layer(), self.parameter_name, self.adapted_parameter(active)):
             return self.base_layer(*args, **kwargs)
+
+    def _routed_adapters(self) -> dict[str, tuple[FuraExperts, str]] | None:
+        """{parameter name: (wrapper, its one active adapter)} when the implicit routed forward applies, else None.
+
+        It applies to a gated experts module whose adapted parameters are gate_up_proj and down_proj, each with one
+        active, unmerged, input-side adapter; anything else takes the parametrization.
+        """
+        base = self.get_base_layer()
+        if not getattr(base, "has_gate", False) or getattr(base, "has_post_expert_norm", False):
+            return None
+        adapters, layer = {}, self
+        while isinstance(layer, FuraExperts):
+            active = [name for name in layer.active_adapters if name in layer.fura_spec]
+            if layer.merged or layer.disable_adapters or len(active) > 1:
+                return None
+            if active:
+                if layer.fura_spec[active[0]].mode != FRAME_OUTPUT:
+                    return None
+                adapters[layer.parameter_name] = (layer, active[0])
+            layer = layer.base_layer
+        return adapters if set(adapters) <= {"gate_up_proj", "down_proj"} else None
+
+    def _routed_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The implicit form on routed tokens: each expert's tokens through ``blockdiag(M_e)``, then ``W0[e]``.
+
+        This is the dense layer's ``W0·(M x)`` per expert: the frozen expert weights get no gradient, which the
+        parametrization cannot avoid (`benchmarks/moe_bench.py --forms` measures both). None when it does not apply.
+        """
+        adapters = self._routed_adapters() if self.routed else None
+        if adapters is None or kwargs or len(args) != 3:
+            return None
+        hidden, top_k_index, top_k_weights = args
+        base = self.get_base_layer()
+        shape = hidden.shape
+        hidden = hidden.reshape(-1, shape[-1])
+        out = torch.zeros_like(hidden)
+        for expert in top_k_index.unique().tolist():
+            if expert >= base.num_experts:  # expert-parallel sentinels
+                continue
+            tokens, slot = torch.where(top_k_index == expert)
+            gate_up = self._expert_linear(base, "gate_up_proj", expert, hidden[tokens], adapters)
+            y = self._expert_linear(base, "down_proj", expert, base._apply_gate(gate_up), adapters)
+            out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
+        return out.reshape(shape)
+
+    @staticmethod
+    def _expert_linear(base: nn.Module, name: str, expert: int, x: torch.Tensor, adapters: dict) -> torch.Tensor:
+        """One expert's product with parameter ``name`` (its parts apart, each behind its adapter's M if any)."""
+        param = getattr(base, name)
+        geometry = parameter_geometry(base, name, param.shape)
+        weights = stack_weights(param, geometry)
+        parts = []
+        for part in range(geometry.parts):
+            index = expert * geometry.parts + part
+            x_part = x
+            if name in adapters:
+                layer, adapter = adapters[name]
+                factors = [
+                    None if tensor is None else tensor.reshape(geometry.matrices, -1, *tensor.shape[1:])[index]
+                    for tensor in (
+                        layer.fura_basis[adapter],
+                        layer.fura_sigma[adapter] if adapter in layer.fura_sigma else None,
+                        layer.fura_core[adapter],
+                    )
+                ]
+                x_part = blocks.apply_fura_transform(layer._cast_input_dtype(x, factors[2].dtype), *factors)
+            parts.append(torch.nn.functional.linear(x_part.to(weights.dtype), weights[index]))
+        y = torch.stack(parts, dim=-1).flatten(-2) if geometry.interleaved else torch.cat(parts, dim=-1)
+        if getattr(base, "has_bias", False):
+            y = y + getattr(base, f"{name}_bias")[expert]
+        return y
 
     def unload_and_optionally_merge_module(
         self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
