@@ -8,9 +8,10 @@ one wrapper per parameter, nested when a module has several), and gives every ex
 matrix the dense layer's treatment: a block-wise SVD, batched over all experts in one call, and the
 adapted weight ``W0_e · blockdiag(M_e)`` computed by the same `fura.blocks` math as a dense merge.
 
-The forward is a parametrization: during the wrapped module's forward the parameter reads as the adapted
-stack, so every experts implementation that reads it (``eager``, ``grouped_mm``, ``batched_mm``) runs
-unchanged. `benchmarks/moe_bench.py` measures this against PEFT's LoRA on the same parameters.
+The forward is the dense layer's implicit form on routed tokens (each expert's tokens through ``blockdiag(M_e)``
+before ``W0[e]``, so the frozen expert weights get no gradient) where it applies, and otherwise a parametrization:
+during the wrapped module's forward the parameter reads as the adapted stack, so every experts implementation that
+reads it (``eager``, ``grouped_mm``, ``batched_mm``) runs unchanged. `benchmarks/moe_bench.py` measures both.
 """
 
 from __future__ import annotations
