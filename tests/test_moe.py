@@ -90,17 +90,25 @@ def test_architecture_forward_backward_reload_merge(arch, tmp_path):
     assert _rel(_logits(merged, ids), trained) < 1e-5
 
 
+@pytest.mark.parametrize("routed", [True, False])
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
-def test_experts_implementations_agree(implementation):
+def test_experts_implementations_agree(implementation, routed, monkeypatch):
+    """Each implementation, under the parametrization and the routed form, against the parametrization under eager."""
     ids = _ids()
-    reference = get_peft_model(tiny_moe(experts_implementation="eager"), FuraConfig(init_weights=False))
+    with monkeypatch.context() as patch:
+        patch.setattr(FuraExperts, "routed", False)
+        reference = get_peft_model(tiny_moe(experts_implementation="eager"), FuraConfig(init_weights=False))
+        reference_logits = _logits(reference, ids)
+        reference.train()
+        reference(ids, labels=ids).loss.backward()
+    monkeypatch.setattr(FuraExperts, "routed", routed)
     model = get_peft_model(tiny_moe(experts_implementation=implementation), FuraConfig(init_weights=False))
     model.load_state_dict(reference.state_dict())
-    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
-    for each in (reference, model):
-        each.train()
-        each(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(_logits(model, ids), reference_logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(ids, labels=ids).loss.backward()
     grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert any("experts" in name for name in grads)
     for name, param in model.named_parameters():
         if name in grads:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6)
