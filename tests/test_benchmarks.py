@@ -24,6 +24,11 @@ TOY_ARGS = {
         *("--vocab", "64", "--seq", "8", "--batch", "1", "--reps", "2", "--steps-memory", "1"),
         *("--methods", "fura,lora32"),
     ],
+    "moe_bench": [
+        *("--hidden", "32", "--moe-intermediate", "16", "--experts", "4", "--top-k", "2", "--layers", "1"),
+        *("--heads", "2", "--kv-heads", "1", "--vocab", "64", "--seq", "8", "--batch", "1", "--reps", "2"),
+        *("--steps-memory", "1", "--conversion-experts", "1", "--conversion-reps", "1", "--skip-counts"),
+    ],
     "mixed_batch_bench": ["--reps", "1", "--seq", "4", "--hidden", "32", "--layers", "1"],
     "conversion_bench": ["--layers", "1"],
     "quant_error": ["--model", "tiny-llama"],
@@ -68,6 +73,13 @@ def test_benchmark_runs_and_writes_its_json(name, tmp_path):
             "FuRA time <= 1.00x LoRA r=32 (median round ratio)",
             "FuRA peak memory <= LoRA r=32",
         }
+    elif name == "moe_bench":
+        assert set(result["median_step_s"]) == {"fura", "lora32"}
+        assert len(result["round_ratio_vs_lora32"]["all"]["fura"]) == 2
+        conversion = result["conversion"]
+        assert conversion["experts_measured"] == 1
+        assert conversion["model_48_layers_s"] == pytest.approx(conversion["median_s"] * 128 * 48)
+        assert len(result["checks"]) == 2
     elif name == "mixed_batch_bench":
         assert result["rows"] == 8 and result["adapters"] == 4
         assert set(result["median_s"]) == {"mixed", "separate", "one_adapter"}

@@ -98,13 +98,15 @@ def _dequantize_8bit(layer: nn.Module) -> torch.Tensor:
     return codes.float().mul_(scales.float().unsqueeze(1).mul(1.0 / 127.0))
 
 
-def weight_state(base: nn.Module) -> dict[str, Any]:
-    """What `restore_weight_state` needs to give ``base`` back its current weight bit for bit.
+def weight_state(base: nn.Module, name: str = "weight") -> dict[str, Any]:
+    """What `restore_weight_state` needs to give ``base`` back its current weight (attribute ``name``, e.g. an
+    expert stack's ``gate_up_proj``) bit for bit.
 
     The weight parameter and its data are kept by reference. bitsandbytes 8-bit also caches the
     int8 codes and scales in ``base.state`` after its first forward, and a merge resets that cache.
     """
-    state = {"weight": base.weight, "data": base.weight.data}
+    weight = getattr(base, name)
+    state = {"name": name, "weight": weight, "data": weight.data}
     if is_bnb_8bit(base):
         state["int8"] = (base.state.CB, base.state.SCB)
     return state
@@ -112,7 +114,7 @@ def weight_state(base: nn.Module) -> dict[str, Any]:
 
 def restore_weight_state(base: nn.Module, state: dict[str, Any]) -> None:
     """Put back the weight `weight_state` saved."""
-    base.weight = state["weight"]
-    base.weight.data = state["data"]
+    setattr(base, state["name"], state["weight"])
+    state["weight"].data = state["data"]
     if "int8" in state:
         base.state.CB, base.state.SCB = state["int8"]

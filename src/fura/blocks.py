@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -123,20 +124,25 @@ def _gram_matrices(
     """``A_jᵀA_j`` (k, b, b) for the column blocks ``index`` of ``frame`` (all when None), accumulated in ``dtype``.
 
     One batched product over strided views, without copying the frame when it is already in ``dtype``.
-    Otherwise it casts chunks of about 16M elements, so the extra memory stays small.
+    Otherwise it casts chunks of about 16M elements, so the extra memory stays small. A stack of frames
+    (E, rows, cols), such as the experts of a Mixture-of-Experts layer, gives the E·n blocks expert-major.
     """
-    rows, cols = frame.shape
+    stack = frame.shape[0] if frame.ndim == 3 else 1
+    rows, cols = frame.shape[-2:]
     block = cols // n_blocks
-    count = n_blocks if index is None else len(index)
+    count = stack * n_blocks if index is None else len(index)
     gram = torch.zeros(count, block, block, dtype=dtype, device=frame.device)
-    needs_copy = frame.dtype != dtype or index is not None
-    chunk = max(1, (1 << 24) // max(count * block, 1)) if needs_copy else rows
+    needs_copy = frame.dtype != dtype or index is not None or frame.ndim == 3
+    chunk = max(1, (1 << 24) // max(stack * n_blocks * block, 1)) if needs_copy else rows
     # Full fp32 products: TF32 (or bf16 on CPU) under a lower matmul precision would void the check in block_svd.
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         for start in range(0, rows, chunk):
-            part = frame[start : start + chunk].reshape(-1, n_blocks, block)
+            if frame.ndim == 3:  # (E, t, n·b) → (t, E·n, b): one copy of the chunk, the blocks expert-major
+                part = frame[:, start : start + chunk].transpose(0, 1).reshape(-1, stack * n_blocks, block)
+            else:
+                part = frame[start : start + chunk].reshape(-1, n_blocks, block)
             if index is not None:
                 part = part[:, index]
             part = part.to(dtype).transpose(0, 1)  # (k, t, b)
@@ -190,7 +196,8 @@ def block_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors and singular values of each column block of ``frame``, largest first.
 
-    Returns ``V`` (n, b, r) and ``s`` (n, r), in fp64 when any block was computed in fp64, else fp32.
+    Returns ``V`` (n, b, r) and ``s`` (n, r), in fp64 when any block was computed in fp64, else fp32. A stack
+    of frames (E, rows, cols) is factorized in the same single batched call, giving (E·n, b, r) and (E·n, r).
     It works through each block's Gram matrix ``A_jᵀA_j`` (b × b) and its symmetric
     eigendecomposition. That never allocates a W-sized ``U`` and costs one pass over the weight. Only
     ``V`` and ``s`` matter here: the implicit form rebuilds ``U = A V / s`` exactly.
@@ -199,7 +206,7 @@ def block_svd(
     checked: a block whose eigenvalue spread exceeds what fp32 resolves (`FP32_TOLERANCE`) is redone
     in fp64 from the original weight. fp32 is 2–10× faster, since batched fp64 products are slower.
     """
-    cols = frame.shape[1]
+    cols = frame.shape[-1]
     block = cols // n_blocks
     if n_blocks * block != cols:
         raise ValueError(f"{cols} columns do not split into {n_blocks} blocks")
@@ -213,7 +220,9 @@ def block_svd(
         unresolved = eigvals[:, -1] * FP32_TOLERANCE < _EPS32 * eigvals[:, 0]
         if unresolved.any():
             index = unresolved.nonzero().squeeze(1)
-            logger.debug("%d of %d blocks are ill-conditioned for fp32; factorizing them in fp64", len(index), n_blocks)
+            logger.debug(
+                "%d of %d blocks are ill-conditioned for fp32; factorizing them in fp64", len(index), len(eigvals)
+            )
             exact_vals, exact_vecs = _sorted_eigh(_gram_matrices(frame, n_blocks, torch.float64, index), rank)
             eigvals, vectors = eigvals.double(), vectors.double()
             eigvals[index], vectors[index] = exact_vals, exact_vecs
@@ -247,7 +256,7 @@ def factorize(
             "(the implicit form only moves within the range of the pretrained blocks; a zero block stays zero)",
             clamped,
             s.numel(),
-            *frame.shape,
+            *frame.shape[-2:],
         )
     s = s.clamp_min(floor)
     # Each row pairs the scale on the frozen basis with the one on the trainable core.
@@ -341,11 +350,25 @@ class _FuraTransform(torch.autograd.Function):
             # y_j = x_j · W_j with W_j = M_jᵀ (or M_j with transpose): dL/dW_j = x_jᵀ g_j.
             grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(core.dtype)
             grad_m = grad_w if ctx.transpose else grad_w.transpose(1, 2)
-            if ctx.needs_input_grad[3]:
-                grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
-            if sigma is not None and ctx.needs_input_grad[2]:
-                grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
+            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
         return grad_x, grad_basis, grad_sigma, grad_core, None
+
+
+def _factor_grads(
+    grad_m: torch.Tensor,
+    basis: torch.Tensor,
+    sigma: torch.Tensor | None,
+    core: torch.Tensor,
+    scaled: torch.Tensor,
+    needed: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of σ and R from the gradient of ``M = B·diag(σ)·R`` (``scaled`` is ``B·diag(σ)``), where needed."""
+    grad_sigma = grad_core = None
+    if needed[1]:
+        grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
+    if sigma is not None and needed[0]:
+        grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
+    return grad_sigma, grad_core
 
 
 def apply_fura_transform(
@@ -364,11 +387,88 @@ def apply_fura_transform(
 
 
 def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``."""
+    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``.
+
+    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order (not
+    differentiable: `adapted_stack` is the training form).
+    """
+    if frame.ndim == 3:
+        per_block = _by_expert(transform.to(frame.dtype), frame.shape[0])
+        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
+        return _stack_blocks(frame, lambda j: per_block[:, j], out)
     rows, cols = frame.shape
     n, b, _ = transform.shape
     out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
     return out.transpose(0, 1).reshape(rows, cols)
+
+
+def _stack_blocks(
+    frame: torch.Tensor, transform: Callable[[int], torch.Tensor], out: torch.Tensor, transpose: bool = False
+) -> torch.Tensor:
+    """``out[e][:, j] = frame[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack of frames (E, rows, n·b); returns ``out``.
+
+    ``transform(j)`` gives block column j's transforms of every expert, (E, b, b). One ``bmm`` per block column,
+    batched over the stack, reads and writes strided views as `_block_matmul` does: no copy of the frame, whatever
+    its layout (a transposed gpt-oss stack included).
+    """
+    first = transform(0)
+    b = first.shape[-1]
+    for j in range(frame.shape[-1] // b):
+        m = transform(j) if j else first
+        torch.bmm(frame[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
+    return out
+
+
+def _by_expert(tensor: torch.Tensor, stack: int) -> torch.Tensor:
+    """(E·n, …) in `block_svd`'s expert-major order → (E, n, …), a view."""
+    return tensor.reshape(stack, -1, *tensor.shape[1:])
+
+
+class _FuraStack(torch.autograd.Function):
+    """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
+
+    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
+    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
+    The M's and their gradient exist only as transients the size of R, built with one batched product each: per
+    block column they would cost a few dozen small kernel launches more per step on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, frame, basis, sigma, core):
+        per_block = _by_expert(block_transform(basis, core, sigma).to(frame.dtype), frame.shape[0])
+        ctx.save_for_backward(frame, basis, sigma, core)
+        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
+        return _stack_blocks(frame, lambda j: per_block[:, j], out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        frame, basis, sigma, core = ctx.saved_tensors
+        stack, b = frame.shape[0], basis.shape[1]
+        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
+        grad = grad.to(frame.dtype)
+        grad_frame = grad_sigma = grad_core = None
+        if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
+            per_block = _by_expert(torch.bmm(scaled, core).to(grad.dtype), stack)
+            grad_frame = _stack_blocks(grad, lambda j: per_block[:, j], torch.empty_like(grad), transpose=True)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
+            grad_m = torch.empty(stack, frame.shape[-1] // b, b, b, dtype=grad.dtype, device=grad.device)
+            for j in range(grad_m.shape[1]):
+                columns = slice(j * b, (j + 1) * b)
+                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
+            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
+            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
+        return grad_frame, None, grad_sigma, grad_core
+
+
+def adapted_stack(
+    frame: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor | None, core: torch.Tensor
+) -> torch.Tensor:
+    """``A0 · blockdiag(M)`` for a stack of frames (E, rows, n·b), differentiable in R and σ (see `_FuraStack`).
+
+    The transforms come in `block_svd`'s expert-major order (E·n, b, b); the result is in ``frame``'s dtype.
+    """
+    return _FuraStack.apply(frame, basis, sigma, core)
 
 
 @dataclass(frozen=True)
@@ -433,6 +533,7 @@ def fingerprint(weight: torch.Tensor, k: int = FINGERPRINT_SIZE[0]) -> torch.Ten
     all-MiniLM-L6-v2 and up to 0.31 on a tiny random 64×160 layer (whose own NF4 error is 0.25);
     two unrelated weights of the same shape, ≥ 1.27.
     """
+    weight = weight.reshape(-1, weight.shape[-1])  # a stack of expert weights is sketched as one tall matrix
     left, right = probe_matrices(*weight.shape, k)
     w = weight.detach().float()
     return left.to(w.device).T @ (w @ right.to(w.device))

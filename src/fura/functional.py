@@ -10,8 +10,9 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
+from fura.tuner.experts import default_target_parameters, matched_parameters
 from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
-from fura.tuner.model import FURA_TARGET_MODULES, layer_spec, trained_cores
+from fura.tuner.model import FURA_TARGET_MODULES, layer_spec, parameter_spec, trained_cores
 
 
 def convert_linear_to_btt(
@@ -84,19 +85,27 @@ def count_trainable_parameters(model: nn.Module, config: FuraConfig, model_type:
     """Trainable parameters that ``config`` would give ``model``, from shapes alone.
 
     Nothing is factorized or allocated, so ``model`` may live on the meta device. For example, build
-    Llama-3-8B from its config under ``torch.device("meta")``.
+    Llama-3-8B from its config under ``torch.device("meta")``. Expert stacks count as ``target_parameters``
+    (by default every one, as `get_peft_model` adds them).
     """
     model_config = getattr(model, "config", None)
     config_dict = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
+    if config.target_parameters is None and config.target_modules in (None, "all-linear"):
+        config = FuraConfig(**{**config.to_dict(), "target_parameters": default_target_parameters(model)})
     if config.target_modules is None:
         arch = model_type or config_dict.get("model_type")
         if arch not in FURA_TARGET_MODULES:
             raise ValueError(f"no default target_modules for model type {arch!r}; pass target_modules")
         config = FuraConfig(**{**config.to_dict(), "target_modules": FURA_TARGET_MODULES[arch]})
-    return sum(
+    modules = sum(
         layer_spec(config, name, out_features, in_features, config_dict).trainable_count
         for name, out_features, in_features in targeted_shapes(model, config)
     )
+    parameters = sum(
+        parameter_spec(config, f"{name}.{param_name}", module, param.shape, config_dict).trainable_count
+        for name, param_name, module, param in matched_parameters(model, config.target_parameters)
+    )
+    return modules + parameters
 
 
 def targeted_shapes(model: nn.Module, config: Any) -> Iterator[tuple[str, int, int]]:

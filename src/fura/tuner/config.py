@@ -137,6 +137,14 @@ class FuraConfig(PeftConfig):
         metadata={"help": "Module names (suffix match), a regex, or 'all-linear'. Defaults per architecture."},
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "nn.Parameters to adapt (PEFT's rule: the name or its suffix), e.g. Mixture-of-Experts stacks "
+            "'experts.gate_up_proj' and 'experts.down_proj'. Default: every expert stack of the model when "
+            "target_modules is the default or 'all-linear'."
+        },
+    )
     decomp_mode: str | dict[str, str] = field(
         default="output_one_block",
         metadata={

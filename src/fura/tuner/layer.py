@@ -53,6 +53,7 @@ class LayerSpec:
     train_right: bool
     m_blocks: int = 1  # explicit layout only
     out_block_size: int = 0  # explicit layout only
+    matrices: int = 1  # how many weights of this shape the layer adapts alike: E·(gate and up) on MoE experts
 
     @property
     def explicit(self) -> bool:
@@ -62,9 +63,9 @@ class LayerSpec:
     def trainable_count(self) -> int:
         sigma = self.m_blocks * self.n_blocks * self.rank if self.sigma_trainable else 0
         if not self.explicit:
-            return self.n_blocks * self.rank * self.block_size + sigma
+            return self.matrices * (self.n_blocks * self.rank * self.block_size + sigma)
         per_rank = self.out_block_size * self.train_left + self.block_size * self.train_right
-        return self.m_blocks * self.n_blocks * self.rank * per_rank + sigma
+        return self.matrices * (self.m_blocks * self.n_blocks * self.rank * per_rank + sigma)
 
 
 def explicit_in_mixed_batch_message(names: list[str]) -> str:
@@ -100,6 +101,7 @@ class FuraLayer(BaseTunerLayer):
 
     adapter_layer_names = ("fura_core", "fura_sigma", "fura_left", "fura_right")
     other_param_names = ("fura_basis", "fura_fingerprint", "fura_spec")
+    weight_name = "weight"  # the base layer's attribute that holds the adapted weight
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -117,7 +119,11 @@ class FuraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.quantization_backend = bases.quantization_backend(base)  # refuses quantizers FuRA does not support
         self.is_conv1d = _is_conv1d(base)
-        self.out_features, self.in_features = base_features(base)
+        self.out_features, self.in_features = self._base_features(base)
+
+    def _base_features(self, base: nn.Module) -> tuple[int, int]:
+        """(out_features, in_features) of each adapted weight."""
+        return base_features(base)
 
     # ----------------------------------------------------------------------------------------- weights
     def dense_weight(self) -> torch.Tensor:
@@ -127,7 +133,18 @@ class FuraLayer(BaseTunerLayer):
         return weight.T if self.is_conv1d else weight
 
     def _frame(self, weight: torch.Tensor, mode: str) -> torch.Tensor:
-        return weight if mode == FRAME_OUTPUT else weight.T
+        return weight if mode == FRAME_OUTPUT else weight.mT
+
+    def _to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An (out × in) weight as the base layer stores it (transposed in a GPT-2 Conv1D)."""
+        return weight.T if self.is_conv1d else weight
+
+    @staticmethod
+    def apply_transform(weight: torch.Tensor, mode: str, transform: torch.Tensor) -> torch.Tensor:
+        """``weight`` (out × in, or a stack of them) with one implicit adapter's ``blockdiag(M)`` on its split side."""
+        if mode == FRAME_OUTPUT:
+            return blocks.merge_into(weight, transform)
+        return blocks.merge_into(weight.mT, transform).mT
 
     def update_layer(
         self,
@@ -149,12 +166,14 @@ class FuraLayer(BaseTunerLayer):
             return
         weight = self.dense_weight()
         frame = self._frame(weight, spec.mode)
-        if frame.shape[1] != spec.n_blocks * spec.block_size:
-            raise ValueError(f"block shape {spec.n_blocks}×{spec.block_size} does not cover dimension {frame.shape[1]}")
+        if frame.shape[-1] != spec.n_blocks * spec.block_size:
+            dim = frame.shape[-1]
+            raise ValueError(f"block shape {spec.n_blocks}×{spec.block_size} does not cover dimension {dim}")
         # Created in fp32 (fp64 on fp64 bases); FuraModel._cast_adapter_dtype then casts to the final dtype.
         dtype = _creation_dtype(weight)
         if empty:
-            n, b, r, where = spec.n_blocks, spec.block_size, spec.rank, {"device": weight.device, "dtype": dtype}
+            n, b, r = spec.matrices * spec.n_blocks, spec.block_size, spec.rank
+            where = {"device": weight.device, "dtype": dtype}
             sigma = torch.empty(n, r, **where) if spec.fold == "keep" else None
             fac = blocks.Factorization(torch.empty(n, b, r, **where), torch.empty(n, r, b, **where), sigma)
         else:
@@ -235,7 +254,7 @@ class FuraLayer(BaseTunerLayer):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Move the adapter to the base layer's device and keep its dtype (`cast_adapter` sets that).
         base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
+        weight = getattr(base, self.weight_name, None)
         target = device if device is not None else (weight.device if weight is not None else None)
         if target is None or target.type == "meta":
             return
@@ -318,11 +337,7 @@ class FuraLayer(BaseTunerLayer):
             if spec.explicit:  # computed in the merge's precision, whatever the adapter's dtype
                 weight = self.explicit_weight(name, weight.dtype).detach().to(weight)
                 continue
-            m = self.transform(name, weight.dtype).detach().to(weight)
-            if spec.mode == FRAME_OUTPUT:
-                weight = blocks.merge_into(weight, m)
-            else:
-                weight = blocks.merge_into(weight.T, m).T
+            weight = self.apply_transform(weight, spec.mode, self.transform(name, weight.dtype).detach().to(weight))
         return weight
 
     # ------------------------------------------------------------------------------------ merge
@@ -345,12 +360,12 @@ class FuraLayer(BaseTunerLayer):
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs in the merged weights; the adapter(s) {adapter_names} seem broken")
         if self._premerge is None:
-            self._premerge = bases.weight_state(base)
-        merged = (merged.T if self.is_conv1d else merged).to(weight.dtype).contiguous()
+            self._premerge = bases.weight_state(base, self.weight_name)
+        merged = self._to_base_layout(merged).to(weight.dtype).contiguous()
         if self.quantization_backend is not None:
             self.set_base_weight(merged)
         else:
-            base.weight.data = merged
+            getattr(base, self.weight_name).data = merged
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -366,7 +381,7 @@ class FuraLayer(BaseTunerLayer):
         """``W(R, S) − W0`` for one adapter, as a dense (out × in) tensor in the layer's layout."""
         weight = self.dense_weight()
         delta = self.merged_weight(weight, [adapter_name]) - weight.float()
-        return delta.T if self.is_conv1d else delta
+        return self._to_base_layout(delta)
 
 
 class FuraLinear(nn.Module, FuraLayer):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -23,6 +25,13 @@ from fura.tuner.checks import (
     refuse_non_finite,
 )
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
+from fura.tuner.experts import (
+    FuraExperts,
+    default_target_parameters,
+    matched_parameters,
+    parameter_geometry,
+    warn_uncovered_experts,
+)
 from fura.tuner.layer import (
     EXPLICIT,
     FRAME_INPUT,
@@ -38,14 +47,16 @@ from fura.tuner.state_check import validate_adapter_state
 logger = logging.getLogger(__name__)
 
 _DECODER_7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# DeepSeek-V3's multi-head latent attention has low-rank q and kv projections in place of q, k and v.
+_MLA = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", *_DECODER_7[3:]]
 _BERT = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
 
 #: Default targets per architecture: the paper's seven projections for decoder LMs, every block linear otherwise.
 FURA_TARGET_MODULES: dict[str, Any] = {
-    **{
-        arch: _DECODER_7
-        for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "phi3")
-    },
+    **{arch: _DECODER_7 for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    # Mixture-of-Experts decoders: their expert stacks are added as target_parameters (_prepare_adapter_config).
+    **{arch: _DECODER_7 for arch in ("qwen2_moe", "qwen3_moe", "gpt_oss")},
+    "deepseek_v3": _MLA,
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     **{arch: _BERT for arch in ("bert", "roberta", "xlm-roberta", "electra", "distilbert")},
 }
@@ -165,6 +176,23 @@ def layer_spec(
     fold, sigma_trainable = _fold(config.s_merged_to, "input", trained_side)
     rank = blocks.resolve_rank(config.rank, a, n, b)
     return LayerSpec(EXPLICIT, n, b, rank, fold, sigma_trainable, **common, m_blocks=m, out_block_size=a)
+
+
+def parameter_spec(
+    config: FuraConfig, key: str, module: nn.Module, shape: torch.Size, model_config: dict | None = None
+) -> LayerSpec:
+    """The `LayerSpec` of one targeted parameter ``key`` of ``module``: per matrix, with how many matrices it holds.
+
+    Expert parameters take the implicit form only; a config that needs the explicit layout is refused.
+    """
+    geometry = parameter_geometry(module, key.rpartition(".")[2], shape)
+    spec = layer_spec(config, key, geometry.out_features, geometry.in_features, model_config)
+    if spec.explicit:
+        raise UserError(
+            f"{key}: FuRA on target_parameters uses the implicit form only (train_position='small', decomp_mode "
+            "output_one_block or input_one_block); the explicit L·S·R layout is for nn.Linear modules"
+        )
+    return dataclasses.replace(spec, matrices=geometry.matrices)
 
 
 def _split(shape: SideShape, dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
@@ -304,6 +332,65 @@ class FuraModel(BaseTuner):
         return layer_spec(config, key, out_features, in_features, self.get_model_config(self.model))
 
     # ------------------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: FuraConfig, model_config: dict) -> FuraConfig:
+        """PEFT's default target modules, plus every expert stack when the targets are the defaults or 'all-linear'.
+
+        The paper's "all seven projections" includes the experts' gate, up and down in a Mixture-of-Experts
+        model, and in transformers 5 those are 3D parameters, not modules. A config with its own
+        ``target_parameters`` (an empty list included) is left as it is.
+        """
+        defaults = peft_config.target_modules is None or peft_config.target_modules == "all-linear"
+        if defaults and peft_config.target_parameters is None:
+            peft_config.target_parameters = default_target_parameters(self.model)
+        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
+            if peft_config.target_parameters:  # an unknown MoE architecture: its experts only, as LoRA does
+                peft_config.target_modules = []
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    def _parameter_spec(self, config: FuraConfig, key: str, module: nn.Module, parameter: nn.Parameter) -> LayerSpec:
+        return parameter_spec(config, key, module, parameter.shape, self.get_model_config(self.model))
+
+    def _inject_parameters(
+        self, peft_config: FuraConfig, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool
+    ) -> list[str]:
+        """Wrap every parameter ``target_parameters`` names in a `FuraExperts`, PEFT's matching rules.
+
+        A module with several targeted parameters gets nested wrappers, one per parameter, as LoRA's
+        ``ParamWrapper``; a further adapter is added to the existing wrapper of its parameter.
+        """
+        targeted = []
+        for module_name, param_name, module, param in list(matched_parameters(model, peft_config.target_parameters)):
+            key = f"{module_name}.{param_name}"
+            if not module_name:
+                raise UserError(f"target_parameters: {param_name!r} is on the top-level module, which FuRA cannot wrap")
+            owner = model.get_submodule(module_name)
+            if isinstance(owner, BaseTunerLayer) and not isinstance(owner, FuraExperts):
+                raise UserError(
+                    f"{key}: {module_name} is already adapted as a module ({type(owner).__name__}); "
+                    "do not target it with both target_modules and target_parameters"
+                )
+            spec = self._parameter_spec(peft_config, key, module, param)
+            kwargs = {
+                "init_weights": peft_config.init_weights,
+                "factorization_dtype": peft_config.factorization_dtype,
+                "inference_mode": peft_config.inference_mode,
+                "empty": low_cpu_mem_usage,
+            }
+            wrapper = owner
+            while isinstance(wrapper, FuraExperts) and wrapper.parameter_name != param_name:
+                wrapper = wrapper.base_layer
+            with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+                if isinstance(wrapper, FuraExperts):
+                    wrapper.update_layer(adapter_name, spec, **kwargs)
+                else:
+                    new_module = FuraExperts(owner, adapter_name, param_name, spec, **kwargs)
+                    if adapter_name not in self.active_adapters:
+                        new_module.requires_grad_(False)
+                    parent, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, new_module)
+            targeted.append(key)
+        return targeted
+
     def _prepare_model(self, peft_config: FuraConfig, model: nn.Module) -> None:
         """Check, before any layer is changed, that every target module fits the config (a shape-only pass).
 
@@ -320,6 +407,8 @@ class FuraModel(BaseTuner):
             matched = self._check_target_module_exists(peft_config, key)
             if matched and not isinstance(matched, _ExcludedModule):
                 self._target_spec(peft_config, module, key)
+        for module_name, param_name, module, param in matched_parameters(model, peft_config.target_parameters):
+            self._parameter_spec(peft_config, f"{module_name}.{param_name}", module, param)
 
     def inject_adapter(
         self,
@@ -353,6 +442,7 @@ class FuraModel(BaseTuner):
             if loading and isinstance(err, UserError) and not isinstance(err, AdapterLoadError):
                 raise AdapterLoadError(f"{loading} does not fit this model: {err}") from err
             raise
+        warn_uncovered_experts(model, self.targeted_parameter_names)
         if self.peft_config[adapter_name].__dict__.pop("_fura_loading", None):
             tensors = [tensor for _, tensor in adapter_tensors(model, adapter_name)]
             self._fura_undo = (adapter_name, snapshot, targeted, [(t, t._version) for t in tensors])
