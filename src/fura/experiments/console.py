@@ -7,6 +7,32 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
+@contextmanager
+def running(console, threads: int, logger_names: Sequence[str] = ()) -> Iterator:
+    """The experiment's run phase: torch on ``threads`` threads, quiet libraries, and a progress bar (yielded);
+    the thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with quiet_libraries(logger_names), progress_bar(console) as progress:
+            yield progress
+    finally:
+        torch.set_num_threads(before)
+
+
+def parse_methods(text: str, known: Sequence[str]) -> list[str]:
+    """The comma-separated ``--methods`` value as a list; an unknown or empty one is a `UserError`."""
+    from fura.errors import UserError
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise UserError(f"--methods {text!r}: unknown method(s) {unknown}; choose from {list(known)}")
+    return methods
+
+
 def progress_bar(console):
     """A rich `Progress` with the phase's name, its bar, done/total and elapsed time."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

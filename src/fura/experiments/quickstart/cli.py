@@ -15,8 +15,8 @@ from typing import Any
 from fura import outputs
 from fura.errors import UserError
 from fura.experiments import frontier, plots, report, stats
-from fura.experiments.console import progress_bar, quiet_libraries
-from fura.experiments.output import prepare_output_dir, write_results
+from fura.experiments.console import parse_methods, running
+from fura.experiments.output import write_results
 from fura.experiments.quickstart.finetune import Run, evaluate, finetune, noise_dir, save_run
 from fura.experiments.quickstart.pretrain import pretrain
 from fura.experiments.quickstart.settings import METHODS, TASK_PATTERNS, QuickstartSettings
@@ -229,7 +229,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
 
     from fura.reporting import cache_dir
@@ -240,22 +239,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds < 2:
         raise UserError(f"--seeds {args.seeds}: need at least 2 seeds for a spread")
     settings.seeds = tuple(range(args.seeds))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"--methods {args.methods!r}: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = parse_methods(args.methods, list(METHODS))
     if args.fresh:
         shutil.rmtree(cache_dir() / "quickstart" / f"base-{settings.model_key()}", ignore_errors=True)
-    output_dir = prepare_output_dir(args.output_dir)
+    output_dir = Path(args.output_dir)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     quiet = ("fura.recipes.sft", "fura.data.commonsense", "fura.evaluation")
-    try:
-        with quiet_libraries(quiet), progress_bar(console) as progress:
-            summary = run_experiment(output_dir, settings, methods, progress)
-    finally:
-        torch.set_num_threads(threads)
+    with running(console, args.threads, quiet) as progress:
+        summary = run_experiment(output_dir, settings, methods, progress)
     summary["wall_seconds"] = time.perf_counter() - start
     console.print(comparison_table(summary))
     for noise, text in summary["orderings"].items():

@@ -14,8 +14,8 @@ from typing import Any
 from fura import outputs
 from fura.errors import UserError
 from fura.experiments import frontier, plots, report, stats
-from fura.experiments.console import progress_bar, quiet_libraries
-from fura.experiments.output import prepare_output_dir, write_results
+from fura.experiments.console import parse_methods, running
+from fura.experiments.output import write_results
 from fura.experiments.runner import CellRuns, tune_and_repeat
 from fura.experiments.sentiment import lexicon
 from fura.experiments.sentiment.model import Run, encode, method_args, minilm_path, predict_and_embed, train
@@ -268,7 +268,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
 
     console = Console()
@@ -277,20 +276,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.seeds < 2:
             raise UserError(f"--seeds {args.seeds}: need at least 2 seeds for a spread and paired intervals")
         settings = replace(settings, seeds=tuple(range(args.seeds)))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"--methods {args.methods!r}: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    methods = parse_methods(args.methods, list(METHODS))
     lexicon_path = Path(args.lexicon) if args.lexicon else lexicon.vader_lexicon_path()
-    output_dir = prepare_output_dir(args.output_dir)
+    output_dir = Path(args.output_dir)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with quiet_libraries(), progress_bar(console) as progress:
-            summary = run_experiment(settings, methods, lexicon_path, progress)
-    finally:
-        torch.set_num_threads(threads)
+    with running(console, args.threads) as progress:
+        summary = run_experiment(settings, methods, lexicon_path, progress)
     summary["wall_seconds"] = time.perf_counter() - start
     console.print(results_table(summary))
     for key, text in summary["orderings"].items():
