@@ -150,6 +150,14 @@ def train_steps(model, ids: torch.Tensor, steps: int = 5, lr: float = 1e-2) -> N
     model.eval()
 
 
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (`tiny_llama()`), for tests that load it with `from_pretrained` (e.g. quantized)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
 def save_tiny_llama_dir(path: Path, texts: list[str], hidden_size: int = 64) -> Path:
     """Write a tiny Llama and a word-level tokenizer fitted to ``texts`` into ``path``, loadable by from_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM

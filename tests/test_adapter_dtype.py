@@ -204,13 +204,6 @@ def test_merge_unmerge_is_bit_exact_in_every_adapter_dtype(base, autocast, layou
     torch.testing.assert_close(logits(model, ids), unmerged, atol=0, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
 def test_qfura_recipe_trains_bf16_adapters(llama_dir, ids):
     recipe = load_recipe("qfura/qfura")
     assert recipe["method_args"] == {"autocast_adapter_dtype": False}  # the paper's bf16 R and S

@@ -21,13 +21,6 @@ FP32 = {"compute_dtype": torch.float32, "dtype": torch.float32, "device_map": {"
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ids():
     torch.manual_seed(5)
     return torch.randint(0, 128, (2, 12), device=CUDA)

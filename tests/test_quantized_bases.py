@@ -23,13 +23,6 @@ LAYER_TYPE = {"int8": bnb.nn.Linear8bitLt, "fp4": bnb.nn.Linear4bit}
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ids():
     torch.manual_seed(5)
     return torch.randint(0, 128, (2, 12))
