@@ -26,9 +26,8 @@ from test_hardening_cli import records
 ADAPTER = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("guard")
+def write_workspace(root: Path, save_total_limit: int) -> Path:
+    """A tiny Llama, 24 records and a commonsense recipe that saves every 2 of its 8 steps, written into ``root``."""
     data = records(24, seed=1)
     (root / "train.json").write_text(json.dumps(data))
     save_tiny_llama_dir(root / "model", [generate_prompt(r["instruction"]) + r["output"] for r in data], 32)
@@ -46,7 +45,7 @@ def workspace(tmp_path_factory) -> Path:
             "learning_rate": 1e-2,
             "logging_steps": 1,
             "save_steps": 2,
-            "save_total_limit": 10,
+            "save_total_limit": save_total_limit,
             "report_to": "none",
             "use_cpu": True,
             "seed": 0,
@@ -55,6 +54,11 @@ def workspace(tmp_path_factory) -> Path:
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return write_workspace(tmp_path_factory.mktemp("guard"), save_total_limit=10)
 
 
 def recipe_for(workspace: Path, out: str, **training) -> dict:

@@ -17,16 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import save_tiny_llama_dir
 from fura import outputs
 from fura.cli import main
-from fura.data.commonsense import generate_prompt
 from fura.recipes import guard, sft
 from fura.recipes.config import load_recipe
-from test_hardening_cli import records
+from test_hardening_train import write_workspace
 
 ADAPTER = "adapter_model.safetensors"
 MISSING_MODEL = "/nonexistent/model"  # a run that got past the output checks would fail on it: they come first
@@ -34,33 +31,7 @@ MISSING_MODEL = "/nonexistent/model"  # a run that got past the output checks wo
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("outputs")
-    data = records(24, seed=1)
-    (root / "train.json").write_text(json.dumps(data))
-    save_tiny_llama_dir(root / "model", [generate_prompt(r["instruction"]) + r["output"] for r in data], 32)
-    recipe = {
-        "track": "commonsense",
-        "model": str(root / "model"),
-        "method": "fura",
-        "data": str(root / "train.json"),
-        "data_args": {"max_length": 64, "val_size": 0},
-        "output_dir": str(root / "unused"),
-        "training": {
-            "max_steps": 8,
-            "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "save_steps": 2,
-            "save_total_limit": 2,
-            "report_to": "none",
-            "use_cpu": True,
-            "seed": 0,
-            "dataloader_num_workers": 0,
-        },
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return root
+    return write_workspace(tmp_path_factory.mktemp("outputs"), save_total_limit=2)
 
 
 def train_argv(workspace: Path, out: Path, *extra: str) -> list[str]:
