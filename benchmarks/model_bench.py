@@ -130,29 +130,120 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_memory(args: argparse.Namespace, method: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """Peak memory of ``args.steps_memory`` training steps of one method (run in a fresh process)."""
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    batch = batch.to(device)
+def peak_memory(steps: int, batch: torch.Tensor, device: torch.device, build_method, build_base, apply) -> dict:
+    """Peak memory of ``steps`` training steps of one method (run in a fresh process).
+
+    ``build_method()`` gives (model, optimizer) with the method applied; on a CPU the baseline is the base model
+    alone, ``build_base()``, before ``apply(base)`` turns it into (model, optimizer), so the figure is the method's
+    own memory.
+    """
     if device.type == "cuda":
-        model, optimizer = build(args, method, device, dtype)
+        model, optimizer = build_method()
         step = make_step(model, optimizer, batch, device)
         torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps_memory):
+        for _ in range(steps):
             step()
         sync(device)
         return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "CUDA allocator peak (weights included)"}
-    plain, _ = build(args, "none", device, dtype)  # the base model alone: the baseline
-    del _
+    plain = build_base()
     gc.collect()
     base_rss = _rss("VmRSS")
-    model, optimizer = apply_method(plain, method, args) if method != "none" else (plain, None)
+    model, optimizer = apply(plain)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: the conversion's temporaries do not count
     step = make_step(model, optimizer, batch, device)
-    for _ in range(args.steps_memory):
+    for _ in range(steps):
         step()
     return {"peak_bytes": _rss("VmHWM") - base_rss, "kind": "CPU peak RSS minus the base model's RSS"}
+
+
+def measure_memory(args: argparse.Namespace, method: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """Peak memory of ``args.steps_memory`` training steps of one method (run in a fresh process)."""
+    return peak_memory(
+        args.steps_memory,
+        token_batch(args, device),
+        device,
+        lambda: build(args, method, device, dtype),
+        lambda: build(args, "none", device, dtype)[0],  # the base model alone: the baseline
+        lambda plain: apply_method(plain, method, args) if method != "none" else (plain, None),
+    )
+
+
+def token_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """The fixed batch of random token ids every method trains on."""
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def memory_in_fresh_processes(console: Console, script: str, forwarded: list[str], methods: list[str]) -> dict:
+    """Each method's peak memory, measured by ``script --_memory METHOD`` in its own process (comparable RSS)."""
+    memory = {}
+    for method in methods:
+        console.log(f"memory: {method} in a fresh process")
+        done = subprocess.run(
+            [sys.executable, script, *forwarded, "--_memory", method], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"memory run of {method} failed:\n{done.stderr[-3000:]}")
+        memory[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    return memory
+
+
+def interleaved_step_times(console: Console, methods: list[str], build_method, batch, device, reps: int):
+    """Step times of every method over ``reps`` rounds in a shuffled order (after one warm-up step each), and
+    their trainable counts. ``build_method(method)`` gives (model, optimizer)."""
+    steps, trainable = {}, {}
+    for method in methods:
+        console.log(f"building {method}")
+        model, optimizer = build_method(method)
+        trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        steps[method] = make_step(model, optimizer, batch, device)
+        steps[method]()  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    order = list(methods)
+    for rep in range(reps):
+        random.Random(rep).shuffle(order)
+        for method in order:
+            sync(device)
+            start = time.perf_counter()
+            steps[method]()
+            sync(device)
+            times[method].append(time.perf_counter() - start)
+        console.log(f"round {rep + 1}/{reps}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
+    return times, trainable
+
+
+def round_ratios(times: dict[str, list[float]], ref: str) -> tuple[dict, dict]:
+    """Each round's ratio to ``ref`` measured in that same round (load drift between rounds cancels), sorted, and
+    their medians."""
+    paired = {m: sorted(t / r for t, r in zip(ts, times[ref], strict=True)) for m, ts in times.items()}
+    return paired, {m: statistics.median(ratios) for m, ratios in paired.items()}
+
+
+def fura_checks(paired_median: dict, memory: dict) -> dict[str, bool]:
+    """The targets against LoRA r=32: time (median round ratio) and peak memory."""
+    return {
+        "FuRA time <= 1.00x LoRA r=32 (median round ratio)": paired_median["fura"] <= 1.0,
+        "FuRA peak memory <= LoRA r=32": memory["fura"]["peak_bytes"] <= memory["lora32"]["peak_bytes"],
+    }
+
+
+def print_checks(console: Console, checks: dict[str, bool], load_before, load_after) -> None:
+    for name, ok in checks.items():
+        console.print(f"[{'green' if ok else 'red'}]{'MET' if ok else 'MISSED'}[/] {name}")
+    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+
+
+def run_meta(args: argparse.Namespace, shape: str, load_before, load_after) -> dict:
+    """What a result file records about the run besides its numbers."""
+    return {
+        "shape": shape,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,46 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     load_before = os.getloadavg()
     # Memory first, one fresh process per method, so the RSS figures are comparable.
-    memory = {}
     sizes = ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "seq", "batch", "steps_memory")
     forwarded = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in sizes]
     forwarded += ["--checkpointing"] if args.checkpointing else []
-    for method in methods:
-        console.log(f"memory: {method} in a fresh process")
-        done = subprocess.run(
-            [sys.executable, __file__, *forwarded, "--_memory", method], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"memory run of {method} failed:\n{done.stderr[-3000:]}")
-        memory[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    memory = memory_in_fresh_processes(console, __file__, forwarded, methods)
     # Time: all methods in this process, interleaved rounds.
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    batch = batch.to(device)
-    steps, trainable = {}, {}
-    for method in methods:
-        console.log(f"building {method}")
-        model, optimizer = build(args, method, device, dtype)
-        trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        steps[method] = make_step(model, optimizer, batch, device)
-        steps[method]()  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    order = list(methods)
-    for rep in range(args.reps):
-        random.Random(rep).shuffle(order)
-        for method in order:
-            sync(device)
-            start = time.perf_counter()
-            steps[method]()
-            sync(device)
-            times[method].append(time.perf_counter() - start)
-        console.log(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
+    times, trainable = interleaved_step_times(
+        console, methods, lambda m: build(args, m, device, dtype), token_batch(args, device), device, args.reps
+    )
     load_after = os.getloadavg()
 
     median = {m: statistics.median(ts) for m, ts in times.items()}
     ref = "lora32" if "lora32" in methods else methods[0]
-    # Each round's ratio to the reference measured in that same round: load drift between rounds cancels.
-    paired = {m: sorted(t / r for t, r in zip(times[m], times[ref], strict=True)) for m in methods}
-    paired_median = {m: statistics.median(ratios) for m, ratios in paired.items()}
+    paired, paired_median = round_ratios(times, ref)
     quartiles = {
         m: statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios * 2 for m, ratios in paired.items()
     }
@@ -254,28 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         "paper anchor (H100, Llama-3-8B, seq 2048, batch 8×2): "
         + ", ".join(f"{LABELS[m]} {gb} GB" for m, gb in PAPER_H100_GB.items())
     )
-    checks = {}
-    if {"fura", "lora32"} <= set(methods):
-        checks = {
-            "FuRA time <= 1.00x LoRA r=32 (median round ratio)": paired_median["fura"] <= 1.0,
-            "FuRA peak memory <= LoRA r=32": memory["fura"]["peak_bytes"] <= memory["lora32"]["peak_bytes"],
-        }
-    for name, ok in checks.items():
-        console.print(f"[{'green' if ok else 'red'}]{'MET' if ok else 'MISSED'}[/] {name}")
-    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    checks = fura_checks(paired_median, memory) if {"fura", "lora32"} <= set(methods) else {}
+    print_checks(console, checks, load_before, load_after)
     out = args.json or Path(__file__).parent / "results" / f"model_bench_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "shape": shape,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-    }
     result = {
-        "meta": meta,
+        "meta": run_meta(args, shape, load_before, load_after),
         "median_step_s": median,
         "step_times_s": times,
         f"time_vs_{ref}": {m: median[m] / median[ref] for m in methods},

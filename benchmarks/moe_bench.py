@@ -23,11 +23,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +37,16 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from fura import FuraConfig, count_trainable_parameters
 from fura.tuner.experts import FuraExperts
-from model_bench import _rss, make_step, sync
+from model_bench import (
+    fura_checks,
+    interleaved_step_times,
+    memory_in_fresh_processes,
+    peak_memory,
+    print_checks,
+    round_ratios,
+    run_meta,
+    token_batch,
+)
 
 METHODS = ("fura", "lora32")
 LABELS = {"fura": "FuRA (q,k,v,o + experts)", "lora32": "LoRA r=32 (q,k,v,o + experts)"}
@@ -118,26 +124,14 @@ def apply_method(model: nn.Module, method: str):
 
 def measure_memory(args: argparse.Namespace, method: str, device: torch.device) -> dict:
     """Peak memory of ``args.steps_memory`` training steps of one method (run in a fresh process)."""
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    if device.type == "cuda":
-        model, optimizer = build(args, method, device)
-        step = make_step(model, optimizer, batch, device)
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps_memory):
-            step()
-        sync(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "kind": "CUDA allocator peak (weights included)"}
-    plain, _ = build(args, "none", device)
-    del _
-    gc.collect()
-    base_rss = _rss("VmRSS")
-    model, optimizer = apply_method(plain, method)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS: the conversion's temporaries do not count
-    step = make_step(model, optimizer, batch, device)
-    for _ in range(args.steps_memory):
-        step()
-    return {"peak_bytes": _rss("VmHWM") - base_rss, "kind": "CPU peak RSS minus the base model's RSS"}
+    return peak_memory(
+        args.steps_memory,
+        token_batch(args, device),
+        device,
+        lambda: build(args, method, device),
+        lambda: build(args, "none", device)[0],
+        lambda plain: apply_method(plain, method),
+    )
 
 
 class _Layer(nn.Module):
@@ -252,38 +246,13 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     load_before = os.getloadavg()
-    memory = {}
     sizes = ("hidden", "moe_intermediate", "experts", "top_k", "layers", "heads", "kv_heads", "vocab", "seq", "batch")
     forwarded = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in (*sizes, "steps_memory")]
     forwarded.append(f"--experts-implementation={args.experts_implementation}")
-    for method in METHODS:
-        console.log(f"memory: {method} in a fresh process")
-        done = subprocess.run(
-            [sys.executable, __file__, *forwarded, "--_memory", method], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"memory run of {method} failed:\n{done.stderr[-3000:]}")
-        memory[method] = json.loads(done.stdout.strip().splitlines()[-1])
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    steps, trainable = {}, {}
-    for method in METHODS:
-        console.log(f"building {method}")
-        model, optimizer = build(args, method, device)
-        trainable[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        steps[method] = make_step(model, optimizer, batch, device)
-        steps[method]()  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    order = list(METHODS)
-    for rep in range(args.reps):
-        random.Random(rep).shuffle(order)
-        for method in order:
-            sync(device)
-            start = time.perf_counter()
-            steps[method]()
-            sync(device)
-            times[method].append(time.perf_counter() - start)
-        console.log(f"round {rep + 1}/{args.reps}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in METHODS))
-    del steps
+    memory = memory_in_fresh_processes(console, __file__, forwarded, list(METHODS))
+    times, trainable = interleaved_step_times(
+        console, list(METHODS), lambda m: build(args, m, device), token_batch(args, device), device, args.reps
+    )
     gc.collect()
     conversion = conversion_time(args.conversion_experts, args.conversion_reps) if args.conversion_experts else None
     counts = None if args.skip_counts else qwen3_30b_a3b_counts()
@@ -291,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     median = {m: statistics.median(ts) for m, ts in times.items()}
-    paired = {m: sorted(t / r for t, r in zip(times[m], times["lora32"], strict=True)) for m in METHODS}
-    paired_median = {m: statistics.median(ratios) for m, ratios in paired.items()}
+    paired, paired_median = round_ratios(times, "lora32")
     shape = (
         f"hidden {args.hidden}, {args.experts} experts of width {args.moe_intermediate}, top-{args.top_k}, "
         f"{args.layers} layers, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, "
@@ -328,26 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(
             "one experts module, fwd+bwd (median s): " + ", ".join(f"{form} {t:.4f}" for form, t in forms.items())
         )
-    checks = {
-        "FuRA time <= 1.00x LoRA r=32 (median round ratio)": paired_median["fura"] <= 1.0,
-        "FuRA peak memory <= LoRA r=32": memory["fura"]["peak_bytes"] <= memory["lora32"]["peak_bytes"],
-    }
-    for name, ok in checks.items():
-        console.print(f"[{'green' if ok else 'red'}]{'MET' if ok else 'MISSED'}[/] {name}")
-    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    checks = fura_checks(paired_median, memory)
+    print_checks(console, checks, load_before, load_after)
     out = args.json or Path(__file__).parent / "results" / f"moe_bench_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "shape": shape,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-    }
     result = {
-        "meta": meta,
+        "meta": run_meta(args, shape, load_before, load_after),
         "median_step_s": median,
         "step_times_s": times,
         "round_ratio_vs_lora32": {"median": paired_median, "all": paired},
