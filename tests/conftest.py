@@ -158,6 +158,26 @@ def llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+def cpu_sft_config(output_dir: Path, max_steps: int):
+    """TRL's `SFTConfig` for a few quick CPU steps on char-tokenized text (lr 3e-2, batch 8, length 24, fp32)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        max_length=24,
+        bf16=False,
+    )
+
+
 def save_tiny_llama_dir(path: Path, texts: list[str], hidden_size: int = 64) -> Path:
     """Write a tiny Llama and a word-level tokenizer fitted to ``texts`` into ``path``, loadable by from_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM

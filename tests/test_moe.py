@@ -356,25 +356,12 @@ def test_uncovered_experts_are_named_in_a_warning():
 
 def test_sft_trainer_trains_a_tiny_qwen3_moe(tmp_path):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    from conftest import char_tokenizer
+    from conftest import char_tokenizer, cpu_sft_config
 
     texts = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(4)]
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        learning_rate=3e-2,
-        logging_steps=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        max_length=24,
-        bf16=False,
-    )
+    args = cpu_sft_config(tmp_path, max_steps=12)
     trainer = SFTTrainer(
         model=tiny_moe(),
         args=args,

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 
-from conftest import DECODER_TARGETS, char_tokenizer, tiny_llama
+from conftest import DECODER_TARGETS, char_tokenizer, cpu_sft_config, tiny_llama
 from fura import FuraConfig
 
 TEXTS = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(4)]
@@ -61,23 +61,10 @@ def test_trainer_lowers_the_loss_and_trains_only_r_and_s(tmp_path):
 
 
 def test_sft_trainer_with_fura_peft_config(tmp_path):
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     tokenizer = char_tokenizer()
-    config = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=8,
-        learning_rate=3e-2,
-        logging_steps=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        max_length=24,
-        bf16=False,
-    )
+    config = cpu_sft_config(tmp_path, max_steps=20)
     trainer = SFTTrainer(
         model=tiny_llama(),
         args=config,
