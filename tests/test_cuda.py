@@ -26,6 +26,18 @@ def ids():
     return torch.randint(0, 128, (2, 12), device=CUDA)
 
 
+def train_losses(model, optimizer, ids, steps: int) -> list[float]:
+    """The language-model loss of each of ``steps`` optimizer steps on ``ids``."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def logits(model, ids):
     model.eval()
     with torch.no_grad():
@@ -90,13 +102,7 @@ def test_qfura_nf4_on_cuda(llama_dir, ids, tmp_path):
     optimizer = quant.make_optimizer(model.parameters(), lr=2e-3)
     assert type(optimizer).__name__ == "PagedAdamW8bit"
     model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer, ids, steps=4)
     assert losses[-1] < losses[0] - 1e-3, losses
     trained = logits(model, ids)
     methods.save(model, tmp_path / "adapter")
@@ -112,13 +118,7 @@ def test_int8_on_cuda(llama_dir, ids):
     model = methods.build(base, "fura")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, optimizer, ids, steps=4)
     assert losses[-1] < losses[0] - 1e-3, losses
     trained = logits(model, ids)
     model.merge_adapter()
