@@ -227,3 +227,13 @@ def test_no_tracked_file_mentions_the_private_design_notes():
     offenders = [f for f in files if (REPO / f).is_file() and name in (REPO / f).read_text(errors="ignore")]
     assert offenders == []
     assert (REPO / "docs" / "design.md").is_file()
+
+
+def test_recipes_cp_takes_only_shipped_names_and_never_overwrites(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("track: commonsense\n")  # a local file is not a shipped recipe to copy
+    assert "not a shipped recipe" in user_error(capsys, ["recipes", "cp", "mine.yaml", "out.yaml"])
+    assert not (tmp_path / "out.yaml").exists()
+    (tmp_path / "taken.yaml").write_text("mine")
+    assert "already exists" in user_error(capsys, ["recipes", "cp", "commonsense/fura", "taken.yaml"])
+    assert (tmp_path / "taken.yaml").read_text() == "mine"

@@ -69,20 +69,30 @@ def resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    name = path.as_posix().removesuffix(".yaml").removesuffix(".yml")
-    shipped = RECIPE_DIR / f"{name}.yaml"
-    if name in shipped_names() and shipped.is_file():
-        return shipped
     if path.exists():
         raise UserError(f"recipe {path} is a directory, not a YAML file")
-    if path.is_absolute() or path.suffix in (".yaml", ".yml"):
+    if path.is_absolute():
         raise UserError(f"recipe {path} does not exist")
+    return shipped_path(str(name_or_path))
+
+
+def shipped_path(name: str) -> Path:
+    """The installed file of shipped recipe ``name`` (``.yaml`` optional).
+
+    Raises:
+        UserError: no shipped recipe has that name; the message lists the closest shipped names (a name ending in
+            ``.yaml`` is said to be neither a file nor a shipped recipe, without guesses).
+    """
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
     names = shipped_names()
-    same_leaf = [n for n in names if n.rsplit("/", 1)[-1] == name.rsplit("/", 1)[-1]]
-    close = same_leaf + [n for n in difflib.get_close_matches(name, names, n=4, cutoff=0.5) if n not in same_leaf]
-    close = close[:4]
-    hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise UserError(f"recipe {name_or_path!s} is neither a file nor a shipped recipe{hint} (`fura recipes` lists them)")
+    if stem in names:
+        return RECIPE_DIR / f"{stem}.yaml"
+    if stem != name:
+        raise UserError(f"recipe {name} does not exist and is not a shipped recipe (`fura recipes` lists them)")
+    same_leaf = [n for n in names if n.rsplit("/", 1)[-1] == stem.rsplit("/", 1)[-1]]
+    close = same_leaf + [n for n in difflib.get_close_matches(stem, names, n=4, cutoff=0.5) if n not in same_leaf]
+    hint = f"; close matches: {', '.join(close[:4])}" if close else ""
+    raise UserError(f"recipe {name} is neither a file nor a shipped recipe{hint} (`fura recipes` lists them)")
 
 
 def copy_recipe(name: str, dest: str | Path) -> Path:
@@ -91,9 +101,7 @@ def copy_recipe(name: str, dest: str | Path) -> Path:
     Raises:
         UserError: ``name`` is not shipped, or the file ``dest`` names exists already (it is never replaced).
     """
-    if name.removesuffix(".yaml") not in shipped_names():
-        resolve(name)  # raises with close matches
-    source = RECIPE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    source = shipped_path(name)
     dest = Path(dest)
     if dest.is_dir():
         dest = dest / source.name

@@ -11,7 +11,7 @@ import argparse
 
 from rich.console import Console
 
-from fura.recipes.catalog import copy_recipe, resolve, shipped_recipes
+from fura.recipes.catalog import copy_recipe, shipped_path, shipped_recipes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         dest = copy_recipe(args.name, args.dest)
         out.print(f"copied {args.name} to {dest}; train with: fura train --config {dest}")
     elif action == "path":
-        print(resolve(args.name))
+        print(shipped_path(args.name))
     else:
         _print_listing(out)
     return 0
