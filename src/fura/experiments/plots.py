@@ -52,6 +52,11 @@ def plot_bars(
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("% (mean ± std over seeds)")
     axes[0][-1].legend(loc="lower right")
+    return _save(plt, fig, title, path)
+
+
+def _save(plt, fig, title: str, path: Path) -> Path:
+    """Title the figure, save it as a PNG at ``path`` and free it."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -85,8 +90,4 @@ def plot_frontiers(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(retention_label)
     axes[0][-1].legend(loc="lower left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, title, path)
