@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 import transformers as tf
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -325,3 +325,13 @@ def test_block_member_is_the_path_inside_the_innermost_block():
         "blocks.1.fc",
     ]
     assert architectures.in_block(names) == ["model.layers.0.self_attn.q_proj", "blocks.1.fc"]
+
+
+def test_fallback_targets_are_saved_and_serve_a_second_adapter(tmp_path):
+    model = get_peft_model(_build("mpnet"), FuraConfig())
+    model.add_adapter("second", FuraConfig())
+    layers = [m for m in model.modules() if isinstance(m, FuraLayer)]
+    assert len(layers) == 12 and all(set(layer.fura_spec) == {"default", "second"} for layer in layers)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_build("mpnet"), tmp_path)
+    assert _adapted(reloaded, FuraLayer) == _adapted(model, FuraLayer)
