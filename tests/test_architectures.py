@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fura import FuraConfig, FuraLayer, architectures, count_trainable_parameters, methods
+from fura import inspect as fura_inspect
 from fura.errors import UserError
 
 VOCAB = 64
@@ -335,3 +336,15 @@ def test_fallback_targets_are_saved_and_serve_a_second_adapter(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(_build("mpnet"), tmp_path)
     assert _adapted(reloaded, FuraLayer) == _adapted(model, FuraLayer)
+
+
+def test_inspect_full_fine_tune_of_an_unknown_architecture_takes_the_block_weights(tmp_path):
+    base, tuned = _build("mpnet"), _build("mpnet")
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param += 0.01
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    source = fura_inspect.resolve_source(tmp_path / "tuned", base=tmp_path / "base")
+    modules, _ = fura_inspect.layer_updates(source)
+    assert set(modules) == _block_linears(base)  # by tensor names alone: not the pooler, embeddings or norms
