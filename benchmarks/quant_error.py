@@ -37,9 +37,9 @@ import torch
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from fura import blocks, methods, quant
+from fura import architectures, blocks, methods, quant
 from fura.tuner.layer import FRAME_OUTPUT, base_features
-from fura.tuner.model import FURA_TARGET_MODULES, layer_spec
+from fura.tuner.model import layer_spec
 
 logger = logging.getLogger("quant_error")
 VARIANTS = ("nf4-base", "qfura", "paper-L=U", "paper-L=US")
@@ -176,7 +176,7 @@ def load(model_arg: str) -> tuple[nn.Module, dict, bool]:
 
 def run(model_arg: str, targets) -> dict:
     model, inputs, is_encoder = load(model_arg)
-    targets = targets or FURA_TARGET_MODULES.get(model.config.model_type)
+    targets = targets or architectures.fura_target_modules(model, model.config.model_type)
     projection = None
     if is_encoder:
         hidden_size = model.config.hidden_size

@@ -6,13 +6,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from torch import nn
 
+from fura.architectures import default_targets
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
-from fura.tuner.experts import default_target_parameters, matched_parameters
+from fura.tuner.experts import matched_parameters
 from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
-from fura.tuner.model import FURA_TARGET_MODULES, layer_spec, parameter_spec, trained_cores
+from fura.tuner.model import layer_spec, parameter_spec, trained_cores
 
 
 def convert_linear_to_btt(
@@ -82,21 +83,35 @@ def configure_blocktt_trainability(model: nn.Module, train_position: str = "smal
 
 
 def count_trainable_parameters(model: nn.Module, config: FuraConfig, model_type: str | None = None) -> int:
-    """Trainable parameters that ``config`` would give ``model``, from shapes alone.
+    """Trainable parameters that `get_peft_model(model, config)` would give, from shapes alone.
 
-    Nothing is factorized or allocated, so ``model`` may live on the meta device. For example, build
-    Llama-3-8B from its config under ``torch.device("meta")``. Expert stacks count as ``target_parameters``
-    (by default every one, as `get_peft_model` adds them).
+    Nothing is factorized or allocated, so ``model`` may live on the meta device: build Llama-3-8B from its
+    config under ``torch.device("meta")``. The targets are resolved as `get_peft_model` resolves them: the
+    architecture's defaults (`fura.architectures`) when ``target_modules`` is None, every linear layer but
+    the output head for ``"all-linear"``, and every expert stack as ``target_parameters`` in both cases.
+
+    Args:
+        model (`nn.Module`): the model to count for; it is not changed.
+        config (`FuraConfig`): the FuRA config, as it would be passed to `get_peft_model`.
+        model_type (`str`, *optional*): the architecture whose default targets to use; defaults to
+            ``model.config.model_type``.
+
+    Returns:
+        `int`: the number of trainable parameters (R and S, or the cores the config trains).
+
+    Raises:
+        UserError: ``target_modules`` is None and the model has no linear layer inside its blocks, or the
+            config does not fit a targeted layer.
     """
     model_config = getattr(model, "config", None)
     config_dict = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
-    if config.target_parameters is None and config.target_modules in (None, "all-linear"):
-        config = FuraConfig(**{**config.to_dict(), "target_parameters": default_target_parameters(model)})
-    if config.target_modules is None:
-        arch = model_type or config_dict.get("model_type")
-        if arch not in FURA_TARGET_MODULES:
-            raise ValueError(f"no default target_modules for model type {arch!r}; pass target_modules")
-        config = FuraConfig(**{**config.to_dict(), "target_modules": FURA_TARGET_MODULES[arch]})
+    target_modules, target_parameters = default_targets(
+        model, config.target_modules, config.target_parameters, model_type or config_dict.get("model_type")
+    )
+    config = FuraConfig(
+        **{**config.to_dict(), "target_modules": target_modules, "target_parameters": target_parameters}
+    )
+    _maybe_include_all_linear_layers(config, model)
     modules = sum(
         layer_spec(config, name, out_features, in_features, config_dict).trainable_count
         for name, out_features, in_features in targeted_shapes(model, config)

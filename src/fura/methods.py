@@ -37,28 +37,16 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import transpose
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from fura import quant
+from fura import architectures, quant
 from fura.functional import count_trainable_parameters, targeted_shapes
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 from fura.tuner.config import FuraConfig
-from fura.tuner.layer import base_features
 
 logger = logging.getLogger(__name__)
 
 Family = Literal["fura", "lora", "full"]
-
-_DECODER_ARCHS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "phi3")
-_BERT_ARCHS = ("bert", "roberta", "xlm-roberta", "electra")
-
-#: The paper's LoRA targets (q, k, v, up, down) per architecture.
-LORA_TARGET_MODULES: dict[str, list[str] | str] = {
-    **{arch: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"] for arch in _DECODER_ARCHS},
-    **{
-        arch: r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|intermediate\.dense|output\.dense)$"
-        for arch in _BERT_ARCHS
-    },
-}
 
 _LORA_DEFAULTS: dict[str, Any] = {"r": 64, "lora_alpha": 128, "lora_dropout": 0.05}
 _FURA_DEFAULTS: dict[str, Any] = {"block_shape": {"o": "head"}}
@@ -166,7 +154,8 @@ def method_config(method: str, model: nn.Module | None = None, **overrides: Any)
     kwargs = {**spec.defaults, **overrides}
     if spec.family == "lora":
         if kwargs.get("target_modules") is None:
-            kwargs["target_modules"] = _lora_targets(model)
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            kwargs["target_modules"] = architectures.lora_target_modules(model, model_type)
         if kwargs.get("init_lora_weights") == "milora":
             kwargs["init_lora_weights"] = True  # MiLoRA is applied on top of a plain LoRA (see _milora_init)
     return cls(**kwargs)
@@ -180,24 +169,29 @@ def _peft_reads_deprecated_property() -> Iterator[None]:
         yield
 
 
-def _lora_targets(model: nn.Module | None) -> list[str] | str:
-    arch = getattr(getattr(model, "config", None), "model_type", None)
-    if arch not in LORA_TARGET_MODULES:
-        raise ValueError(
-            f"no default LoRA target modules for model type {arch!r}; pass target_modules=[...] "
-            f"(known: {sorted(LORA_TARGET_MODULES)})"
-        )
-    return LORA_TARGET_MODULES[arch]
-
-
 def build(model: nn.Module, method: str, autocast_adapter_dtype: bool = True, **overrides: Any) -> nn.Module:
-    """Prepare ``model`` for training with ``method``; ``overrides`` replace the method's config defaults.
+    """Prepare ``model`` for training with ``method``, with the paper's defaults for it.
 
-    Returns a `PeftModel` for adapter methods, or ``model`` itself (every parameter trainable) for
-    ``"full"``. Quantized methods need a 4-bit base (see `load_model`) and turn on gradient
-    checkpointing, as QLoRA does. ``autocast_adapter_dtype`` is PEFT's: True keeps the adapter in
-    fp32, False puts it in the base model's dtype (the compute dtype of a 4-bit base), which is the
-    paper's bf16 R and S for QFuRA. A recipe sets it in ``method_args``.
+    The targets default per architecture (`fura.architectures`): FuRA on every linear layer inside the
+    transformer blocks, the LoRA family on the paper's q, k, v, up, down. Quantized methods turn on gradient
+    checkpointing, as QLoRA does.
+
+    Args:
+        model (`nn.Module`): the base model; for a quantized method, a 4-bit one (see `load_model`).
+        method (`str`): a name in `METHODS` (``"fura"``, ``"lora"``, ``"full"``, ...).
+        autocast_adapter_dtype (`bool`, defaults to `True`): PEFT's; True keeps the adapter in fp32, False
+            puts it in the base model's dtype (the compute dtype of a 4-bit base), which is the paper's bf16
+            R and S for QFuRA. A recipe sets it in ``method_args``.
+        overrides: fields of the method's config class (`FuraConfig` or `LoraConfig`) that replace its defaults.
+
+    Returns:
+        `nn.Module`: a `PeftModel` for adapter methods, or ``model`` itself (every parameter trainable) for
+        ``"full"``.
+
+    Raises:
+        ValueError: an unknown method or override, ``autocast_adapter_dtype=False`` with ``"full"``, a quantized
+            method on a base that is not 4-bit, or targets that match no module (the message names the
+            model's linear layers).
     """
     spec = get_method(method)
     if spec.family == "full" and not autocast_adapter_dtype:
@@ -236,15 +230,7 @@ def build(model: nn.Module, method: str, autocast_adapter_dtype: bool = True, **
 
 def _linear_names(model: nn.Module) -> list[str]:
     """The distinct last path components of the model's linear layers (for error messages)."""
-    names = set()
-    for name, module in model.named_modules():
-        try:
-            base_features(module)
-        except TypeError:
-            continue
-        if name:
-            names.add(name.rpartition(".")[2])
-    return sorted(names)
+    return sorted({name.rpartition(".")[2] for name in architectures.linear_module_names(model)})
 
 
 @torch.no_grad()
@@ -391,8 +377,6 @@ def load_model(
     """
     spec = get_method(method)
     if model_class is None:
-        from transformers import AutoModelForCausalLM
-
         model_class = AutoModelForCausalLM
     if spec.quantized:
         kwargs.setdefault("quantization_config", quant.nf4_config(compute_dtype))

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from fura import blocks
+from fura.architectures import ARCHITECTURES, in_block
 from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -409,21 +410,18 @@ def _matches(module: str, targets: str | Sequence[str]) -> bool:
 def _full_updates(
     source: UpdateSource, reader: _Reader, block_config: Any, target_modules: str | Sequence[str] | None
 ) -> tuple[list[str], Iterator[LayerUpdate]]:
-    """Full fine-tuning: ``ΔW = W − W0`` for the layers FuRA would target (or ``target_modules``)."""
-    from fura.tuner.model import FURA_TARGET_MODULES
+    """Full fine-tuning: ``ΔW = W − W0`` for the layers FuRA would target (or ``target_modules``).
 
+    An architecture `fura.architectures` does not know gets FuRA's fallback by name: every 2D weight inside
+    a numbered block.
+    """
     tuned = _TensorStore.of_model(source.path, f"fine-tuned model {source.path}")
-    targets = target_modules or FURA_TARGET_MODULES.get(reader.model_config.get("model_type"))
-    modules = []
-    for key in tuned.keys():
-        if not key.endswith(".weight") or len(tuned.shape(key)) != 2:
-            continue
-        module = key.removesuffix(".weight")
-        if targets is None:
-            if not re.search(r"(embed|lm_head|wte|wpe)", module):
-                modules.append(module)
-        elif _matches(module, targets):
-            modules.append(module)
+    known = ARCHITECTURES.get(reader.model_config.get("model_type"))
+    targets = target_modules or (known.fura if known else None)
+    weights = [
+        key.removesuffix(".weight") for key in tuned.keys() if key.endswith(".weight") and len(tuned.shape(key)) == 2
+    ]
+    modules = in_block(weights) if targets is None else [module for module in weights if _matches(module, targets)]
     modules.sort(key=_natural_key)
 
     def updates() -> Iterator[LayerUpdate]:

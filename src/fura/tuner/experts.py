@@ -121,8 +121,15 @@ def matched_parameters(model: nn.Module, targets: Any) -> Iterator[tuple[str, st
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
-    """Full names of the model's 3D parameters: the expert stacks of its Mixture-of-Experts layers."""
-    return [f"{name}.{param_name}" for name, param_name, _, param in _model_parameters(model) if param.ndim == 3]
+    """Full names of the expert stacks of the model's Mixture-of-Experts layers: the 3D parameters of ``experts``.
+
+    Other 3D parameters (a ViT's ``cls_token`` and position embeddings) are not linear weights.
+    """
+    return [
+        f"{name}.{param_name}"
+        for name, param_name, _, param in _model_parameters(model)
+        if param.ndim == 3 and name.rpartition(".")[2] == "experts"
+    ]
 
 
 def default_target_parameters(model: nn.Module) -> list[str] | None:

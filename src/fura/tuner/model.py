@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft.config import PeftConfig
@@ -16,6 +16,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from fura import blocks
+from fura.architectures import ARCHITECTURES, default_targets
 from fura.errors import UserError
 from fura.tuner.checks import (
     AdapterLoadError,
@@ -27,7 +28,6 @@ from fura.tuner.checks import (
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
 from fura.tuner.experts import (
     FuraExperts,
-    default_target_parameters,
     matched_parameters,
     parameter_geometry,
     warn_uncovered_experts,
@@ -45,21 +45,6 @@ from fura.tuner.layer import (
 from fura.tuner.state_check import validate_adapter_state
 
 logger = logging.getLogger(__name__)
-
-_DECODER_7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# DeepSeek-V3's multi-head latent attention has low-rank q and kv projections in place of q, k and v.
-_MLA = ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", *_DECODER_7[3:]]
-_BERT = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
-
-#: Default targets per architecture: the paper's seven projections for decoder LMs, every block linear otherwise.
-FURA_TARGET_MODULES: dict[str, Any] = {
-    **{arch: _DECODER_7 for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
-    # Mixture-of-Experts decoders: their expert stacks are added as target_parameters (_prepare_adapter_config).
-    **{arch: _DECODER_7 for arch in ("qwen2_moe", "qwen3_moe", "gpt_oss")},
-    "deepseek_v3": _MLA,
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    **{arch: _BERT for arch in ("bert", "roberta", "xlm-roberta", "electra", "distilbert")},
-}
 
 
 def trained_cores(train_position: str, out_block: int, in_block: int) -> tuple[bool, bool]:
@@ -230,7 +215,9 @@ class FuraModel(BaseTuner):
 
     prefix: str = "fura_"
     tuner_layer_cls = FuraLayer
-    target_module_mapping = FURA_TARGET_MODULES
+    target_module_mapping: ClassVar[dict[str, Any]] = {
+        model_type: entry.fura for model_type, entry in ARCHITECTURES.items()
+    }
 
     def _create_and_replace(
         self,
@@ -333,19 +320,12 @@ class FuraModel(BaseTuner):
 
     # ------------------------------------------------------------------------------ injection
     def _prepare_adapter_config(self, peft_config: FuraConfig, model_config: dict) -> FuraConfig:
-        """PEFT's default target modules, plus every expert stack when the targets are the defaults or 'all-linear'.
-
-        The paper's "all seven projections" includes the experts' gate, up and down in a Mixture-of-Experts
-        model, and in transformers 5 those are 3D parameters, not modules. A config with its own
-        ``target_parameters`` (an empty list included) is left as it is.
-        """
-        defaults = peft_config.target_modules is None or peft_config.target_modules == "all-linear"
-        if defaults and peft_config.target_parameters is None:
-            peft_config.target_parameters = default_target_parameters(self.model)
-        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
-            if peft_config.target_parameters:  # an unknown MoE architecture: its experts only, as LoRA does
-                peft_config.target_modules = []
-        return super()._prepare_adapter_config(peft_config, model_config)
+        """Fill in FuRA's default targets (`fura.architectures.default_targets`): modules and expert stacks."""
+        target_modules, peft_config.target_parameters = default_targets(
+            self.model, peft_config.target_modules, peft_config.target_parameters, model_config.get("model_type")
+        )
+        peft_config.target_modules = target_modules if isinstance(target_modules, str) else set(target_modules)
+        return peft_config
 
     def _parameter_spec(self, config: FuraConfig, key: str, module: nn.Module, parameter: nn.Parameter) -> LayerSpec:
         return parameter_spec(config, key, module, parameter.shape, self.get_model_config(self.model))
