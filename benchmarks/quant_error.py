@@ -39,7 +39,8 @@ from torch import nn
 
 from fura import blocks, methods, quant
 from fura.tuner.layer import FRAME_OUTPUT, base_features
-from fura.tuner.model import FURA_TARGET_MODULES, layer_spec
+from fura.tuner.model import FURA_TARGET_MODULES
+from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger("quant_error")
 VARIANTS = ("nf4-base", "qfura", "paper-L=U", "paper-L=US")

@@ -12,7 +12,8 @@ from torch import nn
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
 from fura.tuner.experts import default_target_parameters, matched_parameters
 from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
-from fura.tuner.model import FURA_TARGET_MODULES, layer_spec, parameter_spec, trained_cores
+from fura.tuner.model import FURA_TARGET_MODULES
+from fura.tuner.spec import layer_spec, parameter_spec, trained_cores
 
 
 def convert_linear_to_btt(
