@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
 from fura.blocks import FOLD_MODES, KEEP_MODES
 from fura.errors import UserError
+from fura.tuner.adapter_loading import AdapterLoading
+from fura.tuner.checks import WEIGHTS_NAME, file_sha256
 from fura.tuner.peft_type import FURA_PEFT_TYPE
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
@@ -260,38 +263,32 @@ class FuraConfig(PeftConfig):
         return mode, _as_tuple(_pick(self.block_shape, group, "closest"))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config, and first check that a local adapter's weights file is readable.
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load the config of a saved adapter; from a local directory this begins a checked load.
 
-        This check runs before PEFT touches the base model, so a truncated or corrupt file fails
-        here with a clear message and the model is left as it was.
+        Args:
+            pretrained_model_name_or_path (`str`): The adapter's directory, or a Hub repository id.
+            subfolder (`str`, *optional*): The folder inside it that holds adapter_config.json.
+            kwargs: Passed on to `PeftConfig.from_pretrained`.
+
+        Returns:
+            `FuraConfig`: The saved config, carrying the load `PeftModel.from_pretrained`/``load_adapter`` goes on with.
+
+        Raises:
+            AdapterLoadError: A local adapter's files are corrupt, truncated, pickle only or lack a layout key,
+                or a value is invalid. This runs before PEFT touches the base model, so the model is left as it was.
         """
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        read = partial(super().from_pretrained, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if not os.path.isdir(path):
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        from fura.tuner import checks
-
-        checks.check_adapter_directory(path, required_keys=LAYOUT_KEYS)
-        config_path = os.path.join(path, checks.CONFIG_NAME)
-        try:
-            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except (ValueError, TypeError) as err:
-            if isinstance(err, checks.AdapterLoadError):
-                raise
-            raise checks.AdapterLoadError(f"{config_path}: {err}") from err
-        # Checked against the file when the weights are loaded (FuraModel._remap_adapter_state_dict_for_load),
-        # after the shape, NaN and fingerprint checks, which say more about what is wrong.
-        config._fura_load_problem = checks.check_weights_checksum(path, config.weights_sha256)
-        config._fura_loading = config_path
-        return config
+            return read()
+        return AdapterLoading.begin(path, read, required_keys=LAYOUT_KEYS)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json with the SHA-256 of the adapter_model.safetensors beside it.
 
         PEFT writes the weights before the config, so the checksum is of the file just written.
         """
-        from fura.tuner.checks import WEIGHTS_NAME, file_sha256
-
         weights = os.path.join(save_directory, WEIGHTS_NAME)
         self.weights_sha256 = file_sha256(weights) if os.path.isfile(weights) else None
         super().save_pretrained(save_directory, **kwargs)

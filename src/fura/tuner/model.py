@@ -15,18 +15,12 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from fura.errors import UserError
-from fura.tuner.checks import (
-    AdapterLoadError,
-    ModelSnapshot,
-    adapter_tensors,
-    check_modules_to_save,
-    refuse_non_finite,
-)
+from fura.tuner.adapter_loading import AdapterLoading
+from fura.tuner.checks import adapter_tensors, check_modules_to_save, refuse_non_finite
 from fura.tuner.config import FuraConfig
 from fura.tuner.experts import FuraExperts, default_target_parameters, matched_parameters, warn_uncovered_experts
 from fura.tuner.layer import FuraLayer, FuraLinear, LayerSpec, base_features, explicit_in_mixed_batch_message
 from fura.tuner.spec import layer_spec, parameter_spec
-from fura.tuner.state_check import validate_adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -257,47 +251,19 @@ class FuraModel(BaseTuner):
     ) -> None:
         """PEFT's injection, made atomic: on any error the model is put back exactly as it was.
 
-        When the config comes from `FuraConfig.from_pretrained` (a load), the snapshot is kept until
-        the checkpoint's tensors are checked, so a refused checkpoint undoes the injection as well.
+        For a load (a config from `FuraConfig.from_pretrained`) the way back is kept until the checkpoint's
+        tensors are checked, so a refused checkpoint undoes the injection as well: see `AdapterLoading`.
         """
-        snapshot = ModelSnapshot(model)
-        targeted = list(self.targeted_module_names), list(getattr(self, "targeted_parameter_names", []))
-        try:
-            super().inject_adapter(
-                model,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                state_dict=state_dict,
-            )
-        except BaseException as err:
-            snapshot.restore()
-            self.targeted_module_names[:] = targeted[0]
-            if hasattr(self, "targeted_parameter_names"):
-                self.targeted_parameter_names[:] = targeted[1]
-            loading = self.peft_config[adapter_name].__dict__.pop("_fura_loading", None)
-            if loading and isinstance(err, UserError) and not isinstance(err, AdapterLoadError):
-                raise AdapterLoadError(f"{loading} does not fit this model: {err}") from err
-            raise
+        inject = partial(
+            super().inject_adapter,
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        AdapterLoading.inject(self, model, adapter_name, inject)
         warn_uncovered_experts(model, self.targeted_parameter_names)
-        if self.peft_config[adapter_name].__dict__.pop("_fura_loading", None):
-            tensors = [tensor for _, tensor in adapter_tensors(model, adapter_name)]
-            self._fura_undo = (adapter_name, snapshot, targeted, [(t, t._version) for t in tensors])
-
-    def _take_undo(self, adapter_name: str) -> tuple[ModelSnapshot, tuple[list, list]] | None:
-        """The snapshot from before ``adapter_name`` was injected for a load, if its tensors are unchanged since."""
-        undo, self._fura_undo = getattr(self, "_fura_undo", None), None
-        if undo is None or undo[0] != adapter_name:
-            return None
-        _, snapshot, targeted, versions = undo
-        return (snapshot, targeted) if all(t._version == v for t, v in versions) else None
-
-    def _undo_injection(self, adapter_name: str, snapshot: ModelSnapshot, targeted: tuple[list, list]) -> None:
-        snapshot.restore()
-        self.targeted_module_names[:] = targeted[0]
-        if hasattr(self, "targeted_parameter_names"):
-            self.targeted_parameter_names[:] = targeted[1]
-        self.peft_config.pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------- merging
     def _refuse_non_finite(self, adapter_names: list[str] | None, action: str) -> None:
@@ -358,21 +324,8 @@ class FuraModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Map checkpoint keys to the model, and refuse a checkpoint that does not fit before loading any of it.
 
-        The checks: every tensor present with the model's shape and finite, the base weights those
-        the adapter was made from, and the file's checksum. If the checkpoint is refused, the
-        injection that `from_pretrained`/`load_adapter` has just made is undone, so the model is
-        exactly as before; an adapter that existed before the load is left as it was.
+        The checks and the undoing of a refused load's injection are `AdapterLoading.verify`'s.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        tuner = getattr(model, "base_model", None)
-        undo = tuner._take_undo(adapter_name) if isinstance(tuner, FuraModel) else None
-        problem = config.__dict__.pop("_fura_load_problem", None)
-        try:
-            validate_adapter_state(model, adapter_name, remapped, config.fingerprint_tolerance)
-            if problem:
-                raise AdapterLoadError(f"cannot load FuRA adapter '{adapter_name}': {problem}")
-        except AdapterLoadError:
-            if undo is not None:
-                tuner._undo_injection(adapter_name, *undo)
-            raise
+        AdapterLoading.verify(model, config, adapter_name, remapped)
         return remapped
