@@ -57,7 +57,39 @@ def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict
 
 
 class FuraModel(BaseTuner):
-    """Adds FuRA adapters to a model (used through `peft.get_peft_model` with a `FuraConfig`)."""
+    """Creates a FuRA model from a pretrained model: each targeted linear layer or expert stack gets a FuRA adapter.
+
+    FuRA (arXiv 2605.22869) trains R and S of each weight's block-wise SVD ``W = L·S·R``; the base weight is
+    left untouched (`FuraLinear`). Made by `peft.get_peft_model` or `PeftModel.from_pretrained` with a
+    `FuraConfig`, as `LoraModel` is with a `LoraConfig`. Any error while adding an adapter leaves the model
+    as it was; loading a saved adapter is described in `AdapterLoading`.
+
+    Args:
+        model (`torch.nn.Module`): The model to be adapted.
+        peft_config (`FuraConfig`): The configuration of the FuRA adapter.
+        adapter_name (`str`): The name of the adapter, defaults to `"default"`.
+        low_cpu_mem_usage (`bool`, *optional*, defaults to `False`):
+            Create empty adapter tensors on the meta device, for a checkpoint to fill (no SVD is run).
+
+    Returns:
+        `torch.nn.Module`: The FuRA model.
+
+    Raises:
+        UserError: A target does not fit the config (e.g. a block shape that does not cover its dimension),
+            found by a shape-only pass over every target before any layer changes.
+        TypeError: A target already carries an adapter of another PEFT method.
+        AdapterLoadError: A saved adapter does not fit the model, or its files are damaged.
+
+    Example:
+
+        ```py
+        >>> from peft import get_peft_model
+        >>> from fura import FuraConfig
+
+        >>> config = FuraConfig(task_type="CAUSAL_LM", block_shape={"o": "head"})
+        >>> model = get_peft_model(base_model, config)  # o_proj cut by heads, as in the paper's commonsense recipe
+        ```
+    """
 
     prefix: str = "fura_"
     tuner_layer_cls = FuraLayer
