@@ -56,7 +56,7 @@ class AdapterLoading:
     calls into fura in this order:
 
     1. ``PeftConfig._get_peft_type(path)`` reads ``peft_type`` from adapter_config.json (fura's wrapper,
-       `fura.tuner.registration`, names the file when it is not valid JSON).
+       `fura.tuner.registration`, names the file when it is not valid JSON or has no ``peft_type``).
     2. ``FuraConfig.from_pretrained(path)`` → `begin`: the files are checked (JSON with every layout key,
        a readable safetensors header, never pickle), the config is parsed, and the weights file is
        compared with its saved SHA-256. The checksum's verdict waits for step 5, whose tensor checks say more.
