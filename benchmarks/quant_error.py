@@ -39,7 +39,7 @@ from torch import nn
 
 from fura import architectures, blocks, methods, quant
 from fura.tuner.layer import FRAME_OUTPUT, base_features
-from fura.tuner.model import layer_spec
+from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger("quant_error")
 VARIANTS = ("nf4-base", "qfura", "paper-L=U", "paper-L=US")

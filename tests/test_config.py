@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from peft import PeftConfig, get_peft_model
 from peft.utils import PeftType
@@ -113,3 +115,13 @@ def test_registered_with_peft():
 
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.FURA] is FuraConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.FURA] is FuraModel
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(FuraConfig), ids=lambda field: field.name)
+def test_every_field_is_documented_by_its_help(field):
+    """Each field's help is its documentation; FuRA's own fields also appear in the class docstring's Args."""
+    assert isinstance(field.metadata.get("help"), str) and field.metadata["help"].strip()
+    if field.name in FuraConfig.__annotations__:
+        args = FuraConfig.__doc__.split("    Args:\n", 1)[1].split("\n\n    Raises:", 1)[0]
+        assert f"        {field.name} (`" in args
+        assert " ".join(field.metadata["help"].split()[:4]) in " ".join(args.split())

@@ -13,7 +13,7 @@ from fura.architectures import default_targets
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
 from fura.tuner.experts import matched_parameters
 from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
-from fura.tuner.model import layer_spec, parameter_spec, trained_cores
+from fura.tuner.spec import layer_spec, parameter_spec, trained_cores
 
 
 def convert_linear_to_btt(

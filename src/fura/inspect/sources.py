@@ -288,7 +288,7 @@ def _default_block_config(block_shape: Any, decomp_mode: str | None):
 
 
 def _grid_for(config: Any, module: str, out_features: int, in_features: int, reader: _Reader) -> BlockGrid:
-    from fura.tuner.model import layer_spec
+    from fura.tuner.spec import layer_spec
 
     try:
         return grid_of(layer_spec(config, module, out_features, in_features, reader.model_config))
@@ -300,7 +300,7 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
     """FuRA: ``W`` rebuilt from the adapter's B, σ, R (or L, S, R) with `fura.blocks`, as the tuner merges it."""
     from fura.tuner.config import FuraConfig
     from fura.tuner.layer import EXPLICIT, FRAME_OUTPUT
-    from fura.tuner.model import layer_spec
+    from fura.tuner.spec import layer_spec
 
     config, adapter = _read_adapter(source.path, FuraConfig, "FuRA")
     keys = adapter.keys()

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -152,9 +154,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, 
 
     ``model`` may also be a single tuner layer; its tensors are then named from the layer (``fura_core.<adapter>``).
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

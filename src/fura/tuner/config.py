@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
 from fura.blocks import FOLD_MODES, KEEP_MODES
 from fura.errors import UserError
+from fura.tuner.adapter_loading import AdapterLoading
+from fura.tuner.checks import WEIGHTS_NAME, file_sha256
 from fura.tuner.peft_type import FURA_PEFT_TYPE
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
@@ -119,24 +123,47 @@ def _pick(value: Any, group: str | None, fallback: Any) -> Any:
     return value.get("default", fallback)
 
 
+def _document_fields(cls: type) -> type:
+    """Put an ``Args:`` section, one entry per field the class declares, from each field's ``help``, in its docstring.
+
+    The help text is the field's documentation (as in peft's configs); this shows it in the class docstring
+    too, where PEFT's doc tooling and ``help()`` read it, with no second copy to keep in step. The section
+    goes after the summary, before a ``Raises:`` section.
+    """
+    entries = []
+    for item in fields(cls):
+        if item.name not in cls.__annotations__:
+            continue  # PeftConfig's own fields are documented by peft
+        entries.append(f"        {item.name} (`{item.type}`, defaults to `{item.default!r}`):")
+        entries += textwrap.wrap(item.metadata["help"], 104, initial_indent=" " * 12, subsequent_indent=" " * 12)
+    summary, raises, rest = cls.__doc__.rstrip().partition("\n\n    Raises:")
+    cls.__doc__ = f"{summary}\n\n    Args:\n" + "\n".join(entries) + f"{raises}{rest}\n"
+    return cls
+
+
+@_document_fields
 @dataclass
 class FuraConfig(PeftConfig):
-    """Configuration of a FuRA adapter: each targeted linear weight is trained as ``W = L·S·R``.
+    """Configuration of a FuRA adapter (`FuraModel`): each targeted linear weight is trained as ``W = L·S·R``.
 
-    The defaults are the paper's: ``decomp_mode="output_one_block"``, ``rank="full"``,
-    ``train_position="small"`` and ``s_merged_to="keep_trainable"``, with each module's input cut
-    into its closest factor pair of blocks. ``decomp_mode`` and ``block_shape`` also accept a dict
-    keyed by module group (``qkv``, ``o``, ``mlp_upgate``, ``mlp_down``, ``default``).
-    ``block_shape="one"`` (a single block per module, ``(1, in_features)``) is the SVD reparameterization
-    baseline. ``train_position="large"``/``"both"`` and ``decomp_mode="square"`` use the explicit
-    L·S·R layout, chosen per layer. The README has a table of every knob.
+    Every default is the paper's method: each module's input cut into blocks of its closest factor pair,
+    full rank, R and S trained, L frozen. Each field's documentation is its ``help`` (listed under Args).
+
+    Raises:
+        UserError: On construction, a value outside its choices, or two values that contradict each other
+            (``s_merged_to='trainable'`` or ``'frozen'`` with ``train_position='both'``).
     """
 
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Module names (suffix match), a regex, or 'all-linear'. Defaults per architecture."},
+        metadata={
+            "help": "Modules to adapt: a list of names (each matched as a module's path or the end of it), a regex "
+            "matched against the whole path, or 'all-linear'. None: the architecture's default targets."
+        },
     )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules not to adapt, given in the same forms as target_modules."}
+    )
     target_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -148,28 +175,40 @@ class FuraConfig(PeftConfig):
     decomp_mode: str | dict[str, str] = field(
         default="output_one_block",
         metadata={
-            "help": "output_one_block (split the input), input_one_block (split the output), square (split both: "
-            "the explicit L·S·R layout), or a group dict."
+            "help": "Which side of each weight is cut into blocks: 'output_one_block' (the input; the paper's), "
+            "'input_one_block' (the output), or 'square' (both: the explicit L·S·R layout). A dict keyed by "
+            "module group ('qkv', 'o', 'mlp_upgate', 'mlp_down', 'default') sets it per group."
         },
     )
     rank: str | int | float = field(
-        default="full", metadata={"help": "'full' (lossless), an int (truncated SVD), or a budget fraction in (0, 1)."}
+        default="full",
+        metadata={
+            "help": "Rank of each block's SVD: 'full' (lossless), an int (a truncated SVD: lossy), or a float in "
+            "(0, 1), a parameter budget: the two cores' size as a fraction of the weight's."
+        },
     )
     train_position: str = field(
         default="small",
         metadata={
-            "help": "Which core trains: small (the paper's), large or both (W-sized ablations, explicit layout)."
+            "help": "Which core trains: 'small' (the smaller of L and R; the paper's), 'large' or 'both' (W-sized "
+            "ablations in the explicit L·S·R layout, chosen per layer). Ties go to the output-side core L."
         },
     )
     s_merged_to: str = field(
         default="keep_trainable",
-        metadata={"help": f"Where the singular values live: one of {S_MERGED_TO}."},
+        metadata={
+            "help": "Where the singular values S live: a vector of their own, trained ('keep_trainable') or frozen "
+            "('keep_frozen'), or folded into a core at init: 'input' (R ← S·Vᵀ), 'output' (L ← U·S), 'split' "
+            "(√S on each side), or the core that trains ('trainable') or is frozen ('frozen')."
+        },
     )
     block_shape: str | tuple[int, int] | list[int] | dict[str, Any] = field(
         default="closest",
         metadata={
-            "help": "'closest', 'head' (num_heads × head_dim), 'one' (a single block: the SVD baseline), "
-            "(n_blocks, block_size), for square a pair (output side, input side) of those, or a group dict."
+            "help": "How the split side is cut: 'closest' (its closest factor pair, 4096 → 64×64), 'head' "
+            "(num_heads × head_dim), 'one' (a single block: the SVD-reparameterization baseline), or "
+            "(n_blocks, block_size); for 'square' a pair (output side, input side) of those, a string "
+            "applying to both. A dict keyed by module group sets it per group."
         },
     )
     factorization_dtype: str = field(
@@ -184,20 +223,32 @@ class FuraConfig(PeftConfig):
         metadata={"help": "True: the lossless SVD init. False: a random non-identity init, for tests."},
     )
     bias: str = field(
-        default="none", metadata={"help": "Train no bias ('none'), all ('all'), or FuRA layers' ('fura_only')."}
+        default="none",
+        metadata={"help": "Which biases train: none ('none'), all ('all'), or the FuRA layers' ('fura_only')."},
     )
     modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Extra modules trained and saved in full."}
+        default=None,
+        metadata={"help": "Modules besides the FuRA layers that train in full and are saved with the adapter."},
     )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
-        default=None, metadata={"help": "Token ids whose embeddings train (as in LoRA)."}
+        default=None,
+        metadata={
+            "help": "Token ids whose embedding rows train (as in LoRA); a dict maps embedding module names to ids."
+        },
     )
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Indices of the layers to adapt, in the layer list; None: every layer."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the model's layer list (e.g. 'layers', 'h'), used with layers_to_transform."},
+    )
     fingerprint_tolerance: float = field(
         default=0.5,
         metadata={
-            "help": "Relative sketch distance above which a saved adapter is refused as trained on another base."
+            "help": "Relative distance between the sketch of the base weights saved with an adapter and that of "
+            "the base it is loaded on, above which the adapter is refused as made for another checkpoint. A "
+            "change of dtype or NF4 quantization stays within it."
         },
     )
     weights_sha256: str | None = field(
@@ -260,38 +311,32 @@ class FuraConfig(PeftConfig):
         return mode, _as_tuple(_pick(self.block_shape, group, "closest"))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config, and first check that a local adapter's weights file is readable.
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load the config of a saved adapter; from a local directory this begins a checked load.
 
-        This check runs before PEFT touches the base model, so a truncated or corrupt file fails
-        here with a clear message and the model is left as it was.
+        Args:
+            pretrained_model_name_or_path (`str`): The adapter's directory, or a Hub repository id.
+            subfolder (`str`, *optional*): The folder inside it that holds adapter_config.json.
+            kwargs: Passed on to `PeftConfig.from_pretrained`.
+
+        Returns:
+            `FuraConfig`: The saved config, carrying the load `PeftModel.from_pretrained`/``load_adapter`` goes on with.
+
+        Raises:
+            AdapterLoadError: A local adapter's files are corrupt, truncated, pickle only or lack a layout key,
+                or a value is invalid. This runs before PEFT touches the base model, so the model is left as it was.
         """
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        read = partial(super().from_pretrained, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if not os.path.isdir(path):
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        from fura.tuner import checks
-
-        checks.check_adapter_directory(path, required_keys=LAYOUT_KEYS)
-        config_path = os.path.join(path, checks.CONFIG_NAME)
-        try:
-            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except (ValueError, TypeError) as err:
-            if isinstance(err, checks.AdapterLoadError):
-                raise
-            raise checks.AdapterLoadError(f"{config_path}: {err}") from err
-        # Checked against the file when the weights are loaded (FuraModel._remap_adapter_state_dict_for_load),
-        # after the shape, NaN and fingerprint checks, which say more about what is wrong.
-        config._fura_load_problem = checks.check_weights_checksum(path, config.weights_sha256)
-        config._fura_loading = config_path
-        return config
+            return read()
+        return AdapterLoading.begin(path, read, required_keys=LAYOUT_KEYS)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json with the SHA-256 of the adapter_model.safetensors beside it.
 
         PEFT writes the weights before the config, so the checksum is of the file just written.
         """
-        from fura.tuner.checks import WEIGHTS_NAME, file_sha256
-
         weights = os.path.join(save_directory, WEIGHTS_NAME)
         self.weights_sha256 = file_sha256(weights) if os.path.isfile(weights) else None
         super().save_pretrained(save_directory, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -15,183 +14,16 @@ from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from fura import blocks
 from fura.architectures import ARCHITECTURES, default_targets
 from fura.errors import UserError
-from fura.tuner.checks import (
-    AdapterLoadError,
-    ModelSnapshot,
-    adapter_tensors,
-    check_modules_to_save,
-    refuse_non_finite,
-)
-from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
-from fura.tuner.experts import (
-    FuraExperts,
-    matched_parameters,
-    parameter_geometry,
-    warn_uncovered_experts,
-)
-from fura.tuner.layer import (
-    EXPLICIT,
-    FRAME_INPUT,
-    FRAME_OUTPUT,
-    FuraLayer,
-    FuraLinear,
-    LayerSpec,
-    base_features,
-    explicit_in_mixed_batch_message,
-)
-from fura.tuner.state_check import validate_adapter_state
+from fura.tuner.adapter_loading import AdapterLoading
+from fura.tuner.checks import adapter_tensors, check_modules_to_save, refuse_non_finite
+from fura.tuner.config import FuraConfig
+from fura.tuner.experts import FuraExperts, matched_parameters, warn_uncovered_experts
+from fura.tuner.layer import FuraLayer, FuraLinear, LayerSpec, base_features, explicit_in_mixed_batch_message
+from fura.tuner.spec import layer_spec, parameter_spec
 
 logger = logging.getLogger(__name__)
-
-
-def trained_cores(train_position: str, out_block: int, in_block: int) -> tuple[bool, bool]:
-    """(L trains, R trains) by the paper's rule for blocks of out_block × in_block.
-
-    Per block ``|L| = r·a`` and ``|R| = r·b``. "small" trains the smaller core, "large" the larger,
-    "both" both; ties go to the output-side core L under either rule.
-    """
-    if train_position == "both":
-        return True, True
-    left = out_block <= in_block if train_position == "small" else out_block >= in_block
-    return left, not left
-
-
-def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[str, bool]:
-    """Map `s_merged_to` to (where S is folded, whether a separate S trains) in a layer's frame.
-
-    ``core_side`` is the side of W ("input" or "output") whose core is the frame's core: the input
-    side (R) in the output frame and the explicit layout, the output side (L) in the input frame.
-    ``trained_side`` is the side that trains, None when both do.
-    """
-    if s_merged_to in ("keep_trainable", "keep_frozen"):
-        return "keep", s_merged_to == "keep_trainable"
-    if s_merged_to == "split":
-        return "split", False
-    side = s_merged_to
-    if s_merged_to in ("trainable", "frozen"):
-        if trained_side is None:
-            raise UserError(both_cores_train_message(s_merged_to))
-        frozen_side = "output" if trained_side == "input" else "input"
-        side = trained_side if s_merged_to == "trainable" else frozen_side
-    return ("core" if side == core_side else "basis"), False
-
-
-# Where a composite model (Llava, Qwen2-VL, …) keeps each tower's config, and the module names of that tower.
-_TOWER_CONFIGS = {
-    "text_config": ("language_model", "text_model"),
-    "vision_config": ("vision_tower", "vision_model", "visual"),
-    "audio_config": ("audio_tower", "audio_model"),
-}
-
-
-def attention_config(model_config: dict, module_name: str) -> dict:
-    """The config holding ``module_name``'s attention heads: the model's own, or its tower's in a composite model."""
-    if model_config.get("num_attention_heads"):
-        return model_config
-    parts = set(module_name.split("."))
-    for key, towers in _TOWER_CONFIGS.items():
-        if isinstance(model_config.get(key), dict) and parts & set(towers):
-            return model_config[key]
-    return model_config
-
-
-def _head_split(dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
-    model_config = attention_config(model_config, module_name)
-    heads = model_config.get("num_attention_heads")
-    if not heads:
-        raise UserError(
-            f"{module_name}: block_shape='head' needs num_attention_heads in the model config (or in the config of "
-            "the tower holding this module); use 'closest' or an explicit (n, b) for this module"
-        )
-    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
-    kv_heads = model_config.get("num_key_value_heads") or heads
-    for count in (heads, kv_heads):
-        if count * head_dim == dim:
-            return count, head_dim
-    raise UserError(
-        f"{module_name}: block_shape='head': dimension {dim} is neither num_heads×head_dim ({heads}×{head_dim}) nor "
-        f"num_kv_heads×head_dim ({kv_heads}×{head_dim}); use 'closest' or an explicit (n, b) for this module"
-    )
-
-
-def layer_spec(
-    config: FuraConfig, module_name: str, out_features: int, in_features: int, model_config: dict | None = None
-) -> LayerSpec:
-    """Resolve the config for one (out × in) module: layout, block grid, rank, where S lives and what trains.
-
-    This is a pure function of shapes. The trainable-parameter counts for an 8B model come from it
-    without allocating a single weight.
-    """
-    mode, shape = config.layer_options(module_name)
-    context = model_config or {}
-    if mode == "square":
-        if not is_side_pair(shape) and not isinstance(shape, str):
-            raise UserError(
-                f"{module_name}: decomp_mode='square' splits both sides; give block_shape as a pair "
-                f"(output side, input side) such as ((m, a), (n, b)), or 'closest'/'head'/'one' for both, got {shape!r}"
-            )
-        out_shape, in_shape = shape if is_side_pair(shape) else (shape, shape)
-        m, a = _split(out_shape, out_features, context, module_name)
-        n, b = _split(in_shape, in_features, context, module_name)
-    elif is_side_pair(shape):
-        raise UserError(
-            f"{module_name}: a pair (output side, input side) of block shapes needs decomp_mode='square', "
-            f"not {mode!r}; give one side's (n_blocks, block_size), 'closest', 'head' or 'one'"
-        )
-    elif mode == FRAME_OUTPUT:
-        (m, a), (n, b) = (1, out_features), _split(shape, in_features, context, module_name)
-    else:
-        (m, a), (n, b) = _split(shape, out_features, context, module_name), (1, in_features)
-    train_left, train_right = trained_cores(config.train_position, a, b)
-    common = {"train_left": train_left, "train_right": train_right}
-    # The implicit form trains the core of the split side's frame: R when only the input is split,
-    # L when only the output is. (With one block both frames are the same SVD.) Anything else is explicit.
-    if train_right and not train_left and m == 1:
-        fold, sigma_trainable = _fold(config.s_merged_to, "input", "input")
-        rank = blocks.resolve_rank(config.rank, a, n, b)
-        return LayerSpec(FRAME_OUTPUT, n, b, rank, fold, sigma_trainable, **common)
-    if train_left and not train_right and n == 1:
-        fold, sigma_trainable = _fold(config.s_merged_to, "output", "output")
-        rank = blocks.resolve_rank(config.rank, b, m, a)
-        return LayerSpec(FRAME_INPUT, m, a, rank, fold, sigma_trainable, **common)
-    trained_side = None if train_left and train_right else ("output" if train_left else "input")
-    fold, sigma_trainable = _fold(config.s_merged_to, "input", trained_side)
-    rank = blocks.resolve_rank(config.rank, a, n, b)
-    return LayerSpec(EXPLICIT, n, b, rank, fold, sigma_trainable, **common, m_blocks=m, out_block_size=a)
-
-
-def parameter_spec(
-    config: FuraConfig, key: str, module: nn.Module, shape: torch.Size, model_config: dict | None = None
-) -> LayerSpec:
-    """The `LayerSpec` of one targeted parameter ``key`` of ``module``: per matrix, with how many matrices it holds.
-
-    Expert parameters take the implicit form only; a config that needs the explicit layout is refused.
-    """
-    geometry = parameter_geometry(module, key.rpartition(".")[2], shape)
-    spec = layer_spec(config, key, geometry.out_features, geometry.in_features, model_config)
-    if spec.explicit:
-        raise UserError(
-            f"{key}: FuRA on target_parameters uses the implicit form only (train_position='small', decomp_mode "
-            "output_one_block or input_one_block); the explicit L·S·R layout is for nn.Linear modules"
-        )
-    return dataclasses.replace(spec, matrices=geometry.matrices)
-
-
-def _split(shape: SideShape, dim: int, model_config: dict, module_name: str) -> tuple[int, int]:
-    """(number of blocks, block size) of one side of a module: ``dim`` cut as ``shape`` says."""
-    if shape == "closest":
-        return blocks.closest_factor_pair(dim)
-    if shape == "head":
-        return _head_split(dim, model_config, module_name)
-    if shape == "one":
-        return 1, dim
-    count, size = shape
-    if count * size != dim:
-        raise UserError(f"{module_name}: block shape {count}×{size} does not cover dimension {dim}")
-    return count, size
 
 
 def _parameters_go_to_meta() -> bool:
@@ -211,7 +43,39 @@ def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict
 
 
 class FuraModel(BaseTuner):
-    """Adds FuRA adapters to a model (used through `peft.get_peft_model` with a `FuraConfig`)."""
+    """Creates a FuRA model from a pretrained model: each targeted linear layer or expert stack gets a FuRA adapter.
+
+    FuRA (arXiv 2605.22869) trains R and S of each weight's block-wise SVD ``W = L·S·R``; the base weight is
+    left untouched (`FuraLinear`). Made by `peft.get_peft_model` or `PeftModel.from_pretrained` with a
+    `FuraConfig`, as `LoraModel` is with a `LoraConfig`. Any error while adding an adapter leaves the model
+    as it was; loading a saved adapter is described in `AdapterLoading`.
+
+    Args:
+        model (`torch.nn.Module`): The model to be adapted.
+        peft_config (`FuraConfig`): The configuration of the FuRA adapter.
+        adapter_name (`str`): The name of the adapter, defaults to `"default"`.
+        low_cpu_mem_usage (`bool`, *optional*, defaults to `False`):
+            Create empty adapter tensors on the meta device, for a checkpoint to fill (no SVD is run).
+
+    Returns:
+        `torch.nn.Module`: The FuRA model.
+
+    Raises:
+        UserError: A target does not fit the config (e.g. a block shape that does not cover its dimension),
+            found by a shape-only pass over every target before any layer changes.
+        TypeError: A target already carries an adapter of another PEFT method.
+        AdapterLoadError: A saved adapter does not fit the model, or its files are damaged.
+
+    Example:
+
+        ```py
+        >>> from peft import get_peft_model
+        >>> from fura import FuraConfig
+
+        >>> config = FuraConfig(task_type="CAUSAL_LM", block_shape={"o": "head"})
+        >>> model = get_peft_model(base_model, config)  # o_proj cut by heads, as in the paper's commonsense recipe
+        ```
+    """
 
     prefix: str = "fura_"
     tuner_layer_cls = FuraLayer
@@ -400,47 +264,19 @@ class FuraModel(BaseTuner):
     ) -> None:
         """PEFT's injection, made atomic: on any error the model is put back exactly as it was.
 
-        When the config comes from `FuraConfig.from_pretrained` (a load), the snapshot is kept until
-        the checkpoint's tensors are checked, so a refused checkpoint undoes the injection as well.
+        For a load (a config from `FuraConfig.from_pretrained`) the way back is kept until the checkpoint's
+        tensors are checked, so a refused checkpoint undoes the injection as well: see `AdapterLoading`.
         """
-        snapshot = ModelSnapshot(model)
-        targeted = list(self.targeted_module_names), list(getattr(self, "targeted_parameter_names", []))
-        try:
-            super().inject_adapter(
-                model,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                state_dict=state_dict,
-            )
-        except BaseException as err:
-            snapshot.restore()
-            self.targeted_module_names[:] = targeted[0]
-            if hasattr(self, "targeted_parameter_names"):
-                self.targeted_parameter_names[:] = targeted[1]
-            loading = self.peft_config[adapter_name].__dict__.pop("_fura_loading", None)
-            if loading and isinstance(err, UserError) and not isinstance(err, AdapterLoadError):
-                raise AdapterLoadError(f"{loading} does not fit this model: {err}") from err
-            raise
+        inject = partial(
+            super().inject_adapter,
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+        AdapterLoading.inject(self, model, adapter_name, inject)
         warn_uncovered_experts(model, self.targeted_parameter_names)
-        if self.peft_config[adapter_name].__dict__.pop("_fura_loading", None):
-            tensors = [tensor for _, tensor in adapter_tensors(model, adapter_name)]
-            self._fura_undo = (adapter_name, snapshot, targeted, [(t, t._version) for t in tensors])
-
-    def _take_undo(self, adapter_name: str) -> tuple[ModelSnapshot, tuple[list, list]] | None:
-        """The snapshot from before ``adapter_name`` was injected for a load, if its tensors are unchanged since."""
-        undo, self._fura_undo = getattr(self, "_fura_undo", None), None
-        if undo is None or undo[0] != adapter_name:
-            return None
-        _, snapshot, targeted, versions = undo
-        return (snapshot, targeted) if all(t._version == v for t, v in versions) else None
-
-    def _undo_injection(self, adapter_name: str, snapshot: ModelSnapshot, targeted: tuple[list, list]) -> None:
-        snapshot.restore()
-        self.targeted_module_names[:] = targeted[0]
-        if hasattr(self, "targeted_parameter_names"):
-            self.targeted_parameter_names[:] = targeted[1]
-        self.peft_config.pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------- merging
     def _refuse_non_finite(self, adapter_names: list[str] | None, action: str) -> None:
@@ -501,21 +337,8 @@ class FuraModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Map checkpoint keys to the model, and refuse a checkpoint that does not fit before loading any of it.
 
-        The checks: every tensor present with the model's shape and finite, the base weights those
-        the adapter was made from, and the file's checksum. If the checkpoint is refused, the
-        injection that `from_pretrained`/`load_adapter` has just made is undone, so the model is
-        exactly as before; an adapter that existed before the load is left as it was.
+        The checks and the undoing of a refused load's injection are `AdapterLoading.verify`'s.
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        tuner = getattr(model, "base_model", None)
-        undo = tuner._take_undo(adapter_name) if isinstance(tuner, FuraModel) else None
-        problem = config.__dict__.pop("_fura_load_problem", None)
-        try:
-            validate_adapter_state(model, adapter_name, remapped, config.fingerprint_tolerance)
-            if problem:
-                raise AdapterLoadError(f"cannot load FuRA adapter '{adapter_name}': {problem}")
-        except AdapterLoadError:
-            if undo is not None:
-                tuner._undo_injection(adapter_name, *undo)
-            raise
+        AdapterLoading.verify(model, config, adapter_name, remapped)
         return remapped

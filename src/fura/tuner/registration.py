@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
+
 from fura.tuner.checks import AdapterLoadError
 from fura.tuner.config import FuraConfig
 from fura.tuner.model import FuraModel
@@ -23,8 +27,6 @@ def _name_the_file_on_bad_json() -> None:
     no file, and a missing ``peft_type`` as a bare KeyError. This only changes the message; valid
     files are untouched.
     """
-    from peft.config import PeftConfig
-
     original = PeftConfig._get_peft_type.__func__
     if getattr(original, "_fura_wrapped", False):
         return
@@ -46,9 +48,6 @@ def _name_the_file_on_bad_json() -> None:
 
 def register() -> None:
     """Register FuraConfig / FuraModel with peft. This is idempotent."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
     _name_the_file_on_bad_json()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(FURA_PEFT_TYPE) is FuraModel:
         return
