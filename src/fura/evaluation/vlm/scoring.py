@@ -51,24 +51,14 @@ _CONTRACTED = (
     "who'll who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd "
     "you'd've you'll you're you've"
 ).split()
-
-
 CONTRACTIONS: dict[str, str] = {
     form[:i] + form[i + 1 :]: form for form in _CONTRACTED for i, char in enumerate(form) if char == "'"
 }
-
-
 NUMBER_WORDS = dict(
     zip("none zero one two three four five six seven eight nine ten".split(), "0 0 1 2 3 4 5 6 7 8 9 10".split())
 )
-
-
 ARTICLES = frozenset(("a", "an", "the"))
-
-
 _PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
-
-
 _PERIOD = re.compile(r"\.(?!\d)")
 
 
