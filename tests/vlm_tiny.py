@@ -150,10 +150,10 @@ def colour_accuracy(model, processor, data_file: Path) -> float:
     """Greedy accuracy on the image records of ``data_file``: the first generated word is the image's colour."""
     from PIL import Image
 
-    from fura.vlm.data import generation_prompt
+    from fura.evaluation.vlm import build_prompt
 
     records = [r for r in json.loads(data_file.read_text()) if r.get("image")]
-    prompt = generation_prompt(f"{QUESTION}\n{SUFFIX}")
+    prompt = build_prompt(f"{QUESTION}\n{SUFFIX}")
     images = [Image.open(data_file.parent / r["image"]).convert("RGB") for r in records]
     batch = processor(images=images, text=[prompt] * len(records), return_tensors="pt")
     model.eval()

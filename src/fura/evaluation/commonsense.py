@@ -23,8 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fura.data.commonsense import PROMPT_STYLES
+from rich.console import Console
+from rich.table import Table
+
+from fura.data.commonsense import PROMPT_STYLES, eval_prompt, load_records
 from fura.errors import UserError
+from fura.evaluation.generation import generate_batched
+from fura.loading import load_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +91,6 @@ def extract_answer(pattern: str, response: str) -> str:
 
 def load_task(dataset_dir: str | Path, task: str, limit: int | None = None) -> list[dict[str, str]]:
     """Records of ``<dataset_dir>/<task>/test.json`` (validated, each needs an ``answer``), the first ``limit``."""
-    from fura.data.commonsense import load_records
-
     path = Path(dataset_dir) / task / "test.json"
     if not path.is_file():
         found = discover_tasks(dataset_dir) if Path(dataset_dir).is_dir() else []
@@ -162,34 +165,6 @@ def parse_answer_patterns(items: list[str]) -> dict[str, str]:
     return patterns
 
 
-def generate_responses(
-    model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int = 8, desc: str = "generating"
-) -> list[str]:
-    """Batched generation with left padding; returns only the newly generated text of each prompt."""
-    import torch
-    from tqdm.auto import tqdm
-
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    kwargs = settings.generate_kwargs()
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(device)
-            with torch.no_grad():
-                generated = model.generate(
-                    **batch, **kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-                )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-    return outputs
-
-
 def vllm_generator(model_path: str, settings: GenerationSettings):
     """A ``generate(prompts, desc)`` running the same decoding on vLLM (a base or merged model; vLLM has no FuRA)."""
     try:
@@ -232,14 +207,13 @@ def evaluate_tasks(
     ``generate(prompts, desc) -> responses`` replaces the transformers backend (used for vLLM). ``prompt``
     is the style of `fura.data.commonsense.PROMPT_STYLES` (the one the model was trained with).
     """
-    from fura.data.commonsense import eval_prompt
-
     settings = settings or GenerationSettings()
     results: dict[str, TaskResult] = {}
     for task, records in tasks.items():
         prompts = [eval_prompt(r, prompt) for r in records]
         if generate is None:
-            responses = generate_responses(model, tokenizer, prompts, settings, batch_size, desc=task)
+            kwargs = settings.generate_kwargs() | {"eos_token_id": tokenizer.eos_token_id}
+            responses = generate_batched(model, tokenizer, prompts, batch_size=batch_size, desc=task, **kwargs)
         else:
             responses = generate(prompts, task)
         result = TaskResult(task, 0, len(records))
@@ -262,8 +236,6 @@ def summarize(results: Mapping[str, TaskResult]) -> dict[str, Any]:
 
 def results_table(summary: Mapping[str, Any], title: str = "commonsense accuracy"):
     """A rich table: one column per task plus the average, in percent."""
-    from rich.table import Table
-
     table = Table(title=title)
     for task in summary["tasks"]:
         table.add_column(task, justify="right")
@@ -311,8 +283,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     console = Console()
     given = parse_answer_patterns(args.answer_pattern)
     if args.tasks:
@@ -341,8 +311,6 @@ def run(args: argparse.Namespace) -> int:
         generate = vllm_generator(args.model, settings)
         results = evaluate_tasks(None, None, data, patterns, settings, generate=generate, prompt=args.prompt)
     else:
-        from fura.loading import load_for_inference
-
         model, tokenizer = load_for_inference(args.model, args.base_model, args.dtype)
         results = evaluate_tasks(model, tokenizer, data, patterns, settings, args.batch_size, prompt=args.prompt)
     summary = summarize(results)

@@ -12,12 +12,18 @@ on vLLM when it is installed and a GPU is present (``--backend`` chooses explici
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+from rich.table import Table
 
 from fura.data.math import (
     BENCHMARKS,
@@ -30,6 +36,9 @@ from fura.data.math import (
     load_benchmark,
 )
 from fura.errors import UserError
+from fura.evaluation.generation import generate_batched
+from fura.loading import load_for_inference, torch_dtype
+from fura.methods import export_dense
 from fura.rewards import GRADERS, last_boxed
 
 logger = logging.getLogger(__name__)
@@ -60,57 +69,47 @@ class BenchmarkResult:
 
 
 class TransformersGenerator:
-    """Batched `model.generate` with left padding; works for plain models and PEFT models alike."""
+    """Batched `model.generate` with left padding (`generate_batched`); works for plain and PEFT models alike."""
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 8) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
     ) -> list[list[str]]:
-        import torch
-
         torch.manual_seed(seed)
         # Explicit settings override the model's generation_config (Qwen3 ships top_k=20, T=0.6 sampling).
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         else:
             sampling = {"do_sample": False}
-        outputs: list[list[str]] = []
-        device = next(self.model.parameters()).device
         self.model.eval()
-        for start in range(0, len(prompts), self.batch_size):
-            batch = self.tokenizer(
-                prompts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            with torch.no_grad():
-                generated = self.model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=n,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    **sampling,
-                )
-            texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            outputs.extend(texts[i : i + n] for i in range(0, len(texts), n))
-        return outputs
+        texts = generate_batched(
+            self.model,
+            self.tokenizer,
+            prompts,
+            batch_size=self.batch_size,
+            desc="generating",
+            add_special_tokens=False,  # the chat template has them
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            **sampling,
+        )
+        return [texts[i : i + n] for i in range(0, len(texts), n)]
 
 
 class VLLMGenerator:
     """Generation with vLLM's offline `LLM` on a dense checkpoint directory (adapters merged beforehand)."""
 
     def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int | None = None) -> None:
-        from vllm import LLM
+        from vllm import LLM  # optional, and heavy
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len)
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
     ) -> list[list[str]]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional, and heavy
 
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
         return [[choice.text for choice in out.outputs] for out in self.llm.generate(prompts, params)]
@@ -233,21 +232,11 @@ def _sources(args: argparse.Namespace, names: list[str]) -> dict[str, str | None
 def _backend(choice: str) -> str:
     if choice != "auto":
         return choice
-    import importlib.util
-
-    import torch
-
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "transformers"
 
 
 def _vllm_generator(model: Any, tokenizer: Any, name: str, dtype: str, workdir: str) -> VLLMGenerator:
     """vLLM cannot run FuRA layers: merge adapters into a dense checkpoint first (4-bit bases too), then load that."""
-    import torch
-    from peft import PeftModel
-
-    from fura.loading import torch_dtype
-    from fura.methods import export_dense
-
     resolved = torch_dtype(dtype)
     if isinstance(model, PeftModel):
         name = export_dense(model, Path(workdir) / "merged", dtype=torch.bfloat16 if resolved == "auto" else resolved)
@@ -262,8 +251,6 @@ def chat_template_kwargs(no_thinking: bool) -> dict[str, Any] | None:
 
 def results_table(results: dict[str, BenchmarkResult], title: str):
     """A rich table: accuracy per benchmark and their average."""
-    from rich.table import Table
-
     table = Table(title=title)
     for column, justify in (("benchmark", "left"), ("problems", "right"), ("samples", "right"), ("accuracy", "right")):
         table.add_column(column, justify=justify)
@@ -276,10 +263,6 @@ def results_table(results: dict[str, BenchmarkResult], title: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fura.loading import load_for_inference
-
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:

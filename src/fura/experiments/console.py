@@ -6,13 +6,19 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
+import transformers
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from fura.errors import UserError
+
 
 @contextmanager
 def running(console, threads: int, logger_names: Sequence[str] = ()) -> Iterator:
     """The experiment's run phase: torch on ``threads`` threads, quiet libraries, and a progress bar (yielded);
     the thread count is restored afterwards."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -24,8 +30,6 @@ def running(console, threads: int, logger_names: Sequence[str] = ()) -> Iterator
 
 def parse_methods(text: str, known: Sequence[str]) -> list[str]:
     """The comma-separated ``--methods`` value as a list; an unknown or empty one is a `UserError`."""
-    from fura.errors import UserError
-
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in known]
     if unknown or not methods:
@@ -35,15 +39,12 @@ def parse_methods(text: str, known: Sequence[str]) -> list[str]:
 
 def progress_bar(console):
     """A rich `Progress` with the phase's name, its bar, done/total and elapsed time."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=console)
 
 
 def progress_callback(advance: Callable[[], None]):
     """A `TrainerCallback` that calls ``advance`` after every optimizer step (drives the phase's progress bar)."""
-    from transformers import TrainerCallback
 
     class Advance(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -54,8 +55,6 @@ def progress_callback(advance: Callable[[], None]):
 
 def quiet_trainer(trainer) -> None:
     """No tqdm bar and no per-step log dicts on stdout: the experiment draws one progress bar per phase."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -64,8 +63,7 @@ def quiet_trainer(trainer) -> None:
 def quiet_libraries(logger_names: Sequence[str] = ()) -> Iterator[None]:
     """Silence per-run chatter (datasets' and transformers' bars, load reports, the named INFO loggers) while the
     experiment runs; everything is restored afterwards."""
-    import datasets
-    import transformers
+    import datasets  # optional (fura[train])
 
     bars = datasets.utils.logging.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
     verbosity = transformers.utils.logging.get_verbosity()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from fura.data.commonsense import DataFormatError
 from fura.vlm import IMAGE_TOKEN
@@ -105,12 +106,6 @@ def tokenize_around_images(tokenizer, text: str, image_token_id: int) -> tuple[l
 def image_count(conversations: Sequence[dict[str, Any]]) -> int:
     """How many ``<image>`` tokens a conversation renders to: one per turn that mentions it (see `render`)."""
     return sum(isinstance(turn, dict) and IMAGE_TOKEN in str(turn.get("value", "")) for turn in conversations)
-
-
-def generation_prompt(question: str, image: bool = True) -> str:
-    """The ``vicuna_v1`` prompt for one question, ending in ``ASSISTANT:`` (evaluation protocol)."""
-    value = move_image_to_front(IMAGE_TOKEN + question) if image else question
-    return f"{SYSTEM} {ROLES['human']}: {value} {ROLES['gpt']}:"
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -248,8 +243,6 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def load_image(self, record_id: Any, path: Path) -> torch.Tensor:
         """Pixel values (3, H, W) of one image; a missing or unreadable file names the record and the path."""
-        from PIL import Image, UnidentifiedImageError
-
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")

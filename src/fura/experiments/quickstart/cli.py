@@ -12,8 +12,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from fura import outputs
+from fura.data.commonsense import generate_prompt
 from fura.errors import UserError
+from fura.evaluation.commonsense import load_task
 from fura.experiments import frontier, plots, report, stats
 from fura.experiments.console import parse_methods, running
 from fura.experiments.output import write_results
@@ -22,18 +29,14 @@ from fura.experiments.quickstart.pretrain import pretrain
 from fura.experiments.quickstart.settings import METHODS, TASK_PATTERNS, QuickstartSettings
 from fura.experiments.quickstart.world import by_task, experiment_data, heldout_records, make_world
 from fura.experiments.runner import CellRuns, tune_and_repeat
+from fura.inspect import inspect_update, summary_table
+from fura.reporting import cache_dir
 
 logger = logging.getLogger(__name__)
 
 
 def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list[str], progress=None) -> dict[str, Any]:
     """The whole experiment; returns what results.json holds."""
-    from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fura.data.commonsense import generate_prompt
-    from fura.reporting import cache_dir
-
     progress = progress or Progress(disable=True)
     world = make_world(settings)
     tests = heldout_records(world, settings)
@@ -66,8 +69,6 @@ def run_experiment(output_dir: Path, settings: QuickstartSettings, methods: list
         ]
         pretrain(settings, world, all_texts, base_dir, lambda: progress.advance(task))
         logger.info("pre-trained in %.0f s; cached in %s", time.perf_counter() - start, base_dir)
-
-    from fura.evaluation.commonsense import load_task
 
     tests = {task: load_task(data_dir / "dataset", task) for task in TASK_PATTERNS}  # the real loading path
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -158,8 +159,6 @@ def summarize_runs(
 
 def comparison_table(summary: dict[str, Any]):
     """The rich table printed at the end: mean ± std over seeds, in percent."""
-    from rich.table import Table
-
     seeds = len(summary["settings"]["seeds"])
     table = Table(title=f"fura quickstart: accuracy (%) on held-out people, mean ± std over {seeds} seeds")
     table.add_column("noise", justify="right")
@@ -199,8 +198,6 @@ def comparison_table(summary: dict[str, Any]):
 def spectral_summaries(summary: dict[str, Any], output_dir: Path, console) -> dict[str, dict[str, Any]]:
     """`fura inspect` on each method's saved seed-0 run, per noise level: update rank, share of the update
     outside the pretrained block column spaces, singular-value drift. Printed as one table per noise level."""
-    from fura.inspect import inspect_update, summary_table
-
     spectral: dict[str, dict[str, Any]] = {}
     for noise in summary["settings"]["label_noise"]:
         rows = [r for r in summary["results"] if r["label_noise"] == noise]
@@ -229,10 +226,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from fura.reporting import cache_dir
-
     console = Console()
     settings = QuickstartSettings.fast() if args.fast else QuickstartSettings()
     settings.world_seed = args.seed

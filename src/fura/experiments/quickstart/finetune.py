@@ -10,9 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import DataCollatorForSeq2Seq, set_seed
+
+from fura import methods
+from fura.data.commonsense import build_datasets
+from fura.evaluation.commonsense import evaluate_tasks, summarize
+from fura.evaluation.generation import generate_batched, left_padding
 from fura.experiments.console import quiet_trainer
 from fura.experiments.quickstart.settings import TASK_PATTERNS, QuickstartSettings
 from fura.experiments.quickstart.world import COLORS
+from fura.recipes import sft
+from fura.reporting import loss_series, plot_curves, write_run_json
 
 
 @dataclass
@@ -50,12 +59,7 @@ def finetune(
     `fura.recipes.sft.run` itself is not called: it reloads, plots, saves and logs every run, and the
     experiment makes dozens of runs and keeps only the ones it reports (see `save_run`).
     """
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
-
-    from fura import methods
-    from fura.data.commonsense import build_datasets
-    from fura.recipes import sft
+    from transformers import Trainer  # imports datasets (and pandas, pyarrow): about a second of `fura --help`
 
     recipe = {
         "track": "commonsense",
@@ -111,21 +115,18 @@ def finetune(
 
 def greedy_generator(model, tokenizer, max_new_tokens: int = 6) -> Callable[[list[str], str], list[str]]:
     """A ``generate(prompts, desc)`` backend for `evaluate_tasks`: one left-padded greedy batch, no progress bar."""
-    import torch
 
     def generate(prompts: list[str], desc: str) -> list[str]:
-        tokenizer.padding_side = "left"
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return generate_batched(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=None,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+        )
 
     return generate
 
@@ -138,11 +139,9 @@ def recall_accuracy(model, tokenizer, colors: dict[str, str]) -> float:
     the free next token, so a model that now prefers to say "true" everywhere is not counted as
     having forgotten who likes what.
     """
-    import torch
-
     prompts = [f"the favourite colour of {name} is" for name in colors]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    with left_padding(tokenizer):
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
     color_ids = tokenizer.convert_tokens_to_ids(list(COLORS))
     with torch.no_grad():
         logits = model(**batch).logits[:, -1, color_ids]
@@ -152,8 +151,6 @@ def recall_accuracy(model, tokenizer, colors: dict[str, str]) -> float:
 
 def evaluate(model, tokenizer, tasks: dict[str, list[dict[str, str]]], colors: dict[str, str] | None = None):
     """Accuracy per task with the commonsense answer parser, their average, predictions, and recall (if ``colors``)."""
-    from fura.evaluation.commonsense import evaluate_tasks, summarize
-
     results = evaluate_tasks(model, tokenizer, tasks, TASK_PATTERNS, generate=greedy_generator(model, tokenizer))
     summary = summarize(results)
     scores: dict[str, Any] = {
@@ -168,9 +165,6 @@ def evaluate(model, tokenizer, tasks: dict[str, list[dict[str, str]]], colors: d
 
 def save_run(run: Run, tokenizer, directory: Path) -> None:
     """The run's adapter (or full model), tokenizer, run.json and loss.png: what `fura inspect` and `fura eval` read."""
-    from fura import methods
-    from fura.reporting import loss_series, plot_curves, write_run_json
-
     shutil.rmtree(directory, ignore_errors=True)
     methods.save(run.model, directory)
     tokenizer.save_pretrained(directory)

@@ -5,6 +5,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainingArguments,
+    set_seed,
+)
+
 from fura.experiments.console import progress_callback, quiet_trainer
 from fura.experiments.quickstart.settings import QuickstartSettings
 from fura.experiments.quickstart.world import World, pretraining_corpus
@@ -14,9 +26,6 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 def build_tokenizer(texts: list[str], path: Path):
     """A lower-casing word-level tokenizer over every word of ``texts``, saved to ``path`` and reloaded from it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     normalizer = normalizers.Lowercase()
     pre = pre_tokenizers.Whitespace()
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))})
@@ -34,16 +43,8 @@ def build_tokenizer(texts: list[str], path: Path):
 
 def pretrain(settings: QuickstartSettings, world: World, all_texts: list[str], path: Path, advance) -> None:
     """Build the small Llama model and pre-train it on the world corpus with `Trainer`; save model + tokenizer."""
-    import torch
-    from datasets import Dataset
-    from transformers import (
-        DataCollatorForLanguageModeling,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from datasets import Dataset  # optional (fura[train])
+    from transformers import Trainer  # imports datasets (and pandas, pyarrow): about a second of `fura --help`
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from fura.data.commonsense import generate_prompt
 from fura.experiments.quickstart.settings import TASK_PATTERNS, QuickstartSettings
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange")
@@ -60,8 +61,6 @@ def pretraining_corpus(world: World, n_docs: int, seed: int) -> list[str]:
     answer option1 .") carry the skills the fine-tuning tasks need, in plain text; the template questions
     make the prompt familiar. The two fine-tuning instructions never occur.
     """
-    from fura.data.commonsense import generate_prompt
-
     rng = random.Random(seed + 1)
     names = list(world.colors)
     docs = []

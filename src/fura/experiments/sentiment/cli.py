@@ -11,6 +11,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from fura import outputs
 from fura.errors import UserError
 from fura.experiments import frontier, plots, report, stats
@@ -19,6 +25,7 @@ from fura.experiments.output import write_results
 from fura.experiments.runner import CellRuns, tune_and_repeat
 from fura.experiments.sentiment import lexicon
 from fura.experiments.sentiment.model import Run, encode, method_args, minilm_path, predict_and_embed, train
+from fura.methods import trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +69,6 @@ def run_experiment(
     settings: SentimentSettings, methods: list[str], lexicon_path: Path, progress=None
 ) -> dict[str, Any]:
     """The whole experiment; returns what results.json holds."""
-    import torch
-    from rich.progress import Progress
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fura.methods import trainable_parameters
-
     progress = progress or Progress(disable=True)
     scores = lexicon.read_lexicon(lexicon_path)
     words = lexicon.split_words(
@@ -193,8 +194,6 @@ def summarize(settings: SentimentSettings, runs: dict[Any, CellRuns[Run]], conte
 
 def results_table(summary: dict[str, Any]):
     """The rich table printed at the end: accuracy and retention, mean ± std over seeds."""
-    from rich.table import Table
-
     seeds = len(summary["settings"]["seeds"])
     table = Table(
         title=f"fura experiment sentiment: held-out accuracy (%) and retention (CKA), mean ± std over {seeds} seeds"
@@ -268,8 +267,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     console = Console()
     settings = SentimentSettings.fast() if args.fast else SentimentSettings()
     if args.seeds is not None:

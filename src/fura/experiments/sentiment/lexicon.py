@@ -8,6 +8,7 @@ trains on, where retention is measured.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,6 @@ from fura.errors import UserError
 
 def vader_lexicon_path() -> Path:
     """``vaderSentiment/vader_lexicon.txt`` of the installed `vadersentiment` package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("vaderSentiment")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the VADER lexicon comes with the vadersentiment package: pip install vadersentiment")

