@@ -1,10 +1,10 @@
 """Commonsense SFT (tracks 1 and 4): a recipe dict in, a trained adapter, run.json and a loss curve out.
 
 The recipe (see :mod:`fura.recipes.config`) names the model, the method, the data and the
-`TrainingArguments`; this module fills in the paper's defaults for what the recipe leaves out and
-runs transformers' `Trainer`. Recipe keys of this track:
+`TrainingArguments`; this module fills in what the recipe leaves out from the paper's recipe of the
+track, ``commonsense/fura`` (`PAPER_RECIPE`), and runs transformers' `Trainer`. Recipe keys of this track:
 
-    data_args:  {max_length: 2048, val_size: 120, train_on_prompt: false, split: train, prompt: alpaca}
+    data_args:  {max_length, val_size, train_on_prompt, split, prompt}   (defaults: ``commonsense/fura``'s)
                 prompt: alpaca (fura's one template) or paper (the released code's strings, see
                 fura.data.commonsense); the evaluation after training uses the same style
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
@@ -19,35 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fura.recipes.config import RecipeError, build_method
+from fura.recipes.config import RecipeError, build_method, paper_defaults, recipe_section
 
 logger = logging.getLogger(__name__)
 
-# The paper's commonsense settings (docs/design.md#the-papers-recipes); a recipe's `training` overrides them.
-PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 2,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.95,
-    "weight_decay": 0.0,
-    "lr_scheduler_type": "linear",
-    "warmup_steps": 0.03,
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "report_to": "auto",
-}
-DATA_DEFAULTS: dict[str, Any] = {
-    "max_length": 2048,
-    "val_size": 120,
-    "train_on_prompt": False,
-    "split": "train",
-    "prompt": "alpaca",
-}
+# The paper's commonsense recipe holds this track's defaults (docs/design.md#the-papers-recipes).
+PAPER_RECIPE = "commonsense/fura"
 
 
 def resolve_report_to(value: Any) -> Any:
@@ -67,12 +44,12 @@ def _accelerator_available() -> bool:
 
 
 def training_arguments(recipe: dict[str, Any]):
-    """`TrainingArguments` from the paper's defaults, the recipe's ``training`` section and its output_dir."""
+    """`TrainingArguments` from the recipe's ``training`` section over `PAPER_RECIPE`'s, and its output_dir."""
     from transformers import TrainingArguments
 
     from fura import quant
 
-    kwargs = {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}
+    kwargs = {**paper_defaults(PAPER_RECIPE)["training"], **(recipe.get("training") or {})}
     kwargs["report_to"] = resolve_report_to(kwargs["report_to"])
     if kwargs.get("activation_checkpointing") or kwargs.get("gradient_checkpointing"):
         # transformers 5.24 renamed gradient_checkpointing_kwargs (a FutureWarning now); older 5.x lack the new name
@@ -219,10 +196,7 @@ def run(
     start = time.perf_counter()
     output_dir = Path(recipe["output_dir"])
     args = training_arguments(recipe)
-    data_args = {**DATA_DEFAULTS, **(recipe.get("data_args") or {})}
-    unknown = set(data_args) - set(DATA_DEFAULTS)
-    if unknown:
-        raise RecipeError(f"recipe {recipe.get('_source', '')}: unknown data_args {sorted(unknown)}")
+    data_args = recipe_section(recipe, "data_args", paper_defaults(PAPER_RECIPE)["data_args"])
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     check_eval_config(recipe)  # so does a bad eval section
     if not recipe.get("data"):
