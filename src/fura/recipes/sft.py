@@ -14,12 +14,32 @@ track, ``commonsense/fura`` (`PAPER_RECIPE`), and runs transformers' `Trainer`. 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.integrations import get_available_reporting_integrations, is_deepspeed_zero3_enabled
+
+from fura import methods, quant
+from fura.data.commonsense import build_datasets
+from fura.evaluation.commonsense import (
+    GenerationSettings,
+    answer_patterns,
+    discover_tasks,
+    evaluate_tasks,
+    load_task,
+    results_table,
+    summarize,
+)
+from fura.loading import check_model_source, torch_dtype
+from fura.recipes import guard
 from fura.recipes.config import RecipeError, build_method, paper_defaults, recipe_section
+from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
 
 logger = logging.getLogger(__name__)
 
@@ -31,24 +51,16 @@ def resolve_report_to(value: Any) -> Any:
     """``auto``: TensorBoard if installed (W&B only on request: it needs an account), else none."""
     if value != "auto":
         return value
-    from transformers.integrations import get_available_reporting_integrations
-
     return ["tensorboard"] if "tensorboard" in get_available_reporting_integrations() else "none"
 
 
 def _accelerator_available() -> bool:
-    import torch
-
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def training_arguments(recipe: dict[str, Any]):
     """`TrainingArguments` from the recipe's ``training`` section over `PAPER_RECIPE`'s, and its output_dir."""
-    from transformers import TrainingArguments
-
-    from fura import quant
-
     kwargs = {**paper_defaults(PAPER_RECIPE)["training"], **(recipe.get("training") or {})}
     kwargs["report_to"] = resolve_report_to(kwargs["report_to"])
     if kwargs.get("activation_checkpointing") or kwargs.get("gradient_checkpointing"):
@@ -71,11 +83,6 @@ def training_arguments(recipe: dict[str, Any]):
 
 def build_model(recipe: dict[str, Any]):
     """Tokenizer and the model prepared for the recipe's method (a PeftModel, or the model for 'full')."""
-    from transformers import AutoTokenizer
-
-    from fura import methods
-    from fura.loading import check_model_source, torch_dtype
-
     model_args = dict(recipe.get("model_args") or {})
     if "dtype" in model_args:
         model_args["dtype"] = torch_dtype(model_args["dtype"])
@@ -96,10 +103,6 @@ EVAL_KEYS = ("dataset_dir", "tasks", "limit", "batch_size", "answer_patterns")
 
 def check_eval_config(recipe: dict[str, Any]) -> None:
     """Refuse a bad ``eval`` section before training, not after it: it needs dataset_dir, and only known keys."""
-    import dataclasses
-
-    from fura.evaluation.commonsense import GenerationSettings
-
     eval_cfg = recipe.get("eval")
     if not eval_cfg:
         return
@@ -119,18 +122,6 @@ def evaluate_after_training(
 ) -> dict[str, Any] | None:
     """The commonsense protocol on the trained model, in its training ``prompt`` style, when ``eval.dataset_dir``
     exists (else None, logged)."""
-    import dataclasses
-
-    from fura.evaluation.commonsense import (
-        GenerationSettings,
-        answer_patterns,
-        discover_tasks,
-        evaluate_tasks,
-        load_task,
-        results_table,
-        summarize,
-    )
-
     dataset_dir = Path(eval_cfg["dataset_dir"])
     if not dataset_dir.is_dir():
         logger.warning(
@@ -145,8 +136,6 @@ def evaluate_after_training(
     model.eval()
     batch_size = eval_cfg.get("batch_size", 8)
     summary = summarize(evaluate_tasks(model, tokenizer, data, patterns, settings, batch_size, prompt=prompt))
-    from rich.console import Console
-
     Console().print(results_table(summary))
     return summary
 
@@ -154,8 +143,6 @@ def evaluate_after_training(
 def run_summary(recipe: dict[str, Any], args: Any, model: Any) -> dict[str, Any]:
     """The start of run.json, shared by the recipes: the recipe, the training arguments and the trainable count
     (also logged)."""
-    from fura import methods, quant
-
     trainable, total = methods.trainable_parameters(model)
     logger.info(
         "%s on %s: %s trainable of %s parameters (%.3f%%)",
@@ -186,13 +173,6 @@ def run(
     ``callbacks`` are extra `TrainerCallback`s. With an ``eval`` section in the recipe, the trained
     model is evaluated with the commonsense protocol and the accuracies go into run.json.
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from fura.data.commonsense import build_datasets
-    from fura.recipes import guard
-    from fura.reporting import PeakMemory, resume_checkpoint
-
     start = time.perf_counter()
     output_dir = Path(recipe["output_dir"])
     args = training_arguments(recipe)
@@ -275,9 +255,6 @@ def save_and_report(
 ) -> None:
     """After training, shared by the recipes: save the model (gathered first when sharded) and its tokenizer or
     processor, plot the loss curves, and complete and write run.json (on the main process only)."""
-    from fura import methods
-    from fura.reporting import loss_series, plot_curves, write_run_json
-
     output_dir = Path(recipe["output_dir"])
     # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled

@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+
+from fura import methods
+from fura.loading import torch_dtype
+from fura.recipes import guard
 from fura.recipes.config import RecipeError, paper_defaults, recipe_section
+from fura.recipes.sft import run_summary, save_and_report, training_arguments
+from fura.reporting import PeakMemory, resume_checkpoint
+from fura.vlm import LANGUAGE_MODEL_TARGETS, PROJECTOR
+from fura.vlm.data import LlavaCollator, LlavaDataset, ModalityLengthSampler, load_records
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +55,6 @@ def build_model(recipe: dict[str, Any]):
     Adapter methods target the language model's projections unless ``method_args`` says otherwise and
     keep the projector whole in ``modules_to_save``; ``full`` trains the language model and projector.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from fura import methods
-    from fura.loading import torch_dtype
-    from fura.vlm import LANGUAGE_MODEL_TARGETS, PROJECTOR
-
     model_args = dict(recipe.get("model_args") or {})
     if "dtype" in model_args:
         model_args["dtype"] = torch_dtype(model_args["dtype"])
@@ -76,8 +79,6 @@ def build_model(recipe: dict[str, Any]):
 
 def optimizer_groups(model, projector_lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two groups: the projector at ``projector_lr``, everything else at the run's lr."""
-    from fura.vlm import PROJECTOR
-
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     projector = [p for name, p in trainable if PROJECTOR in name]
     rest = [p for name, p in trainable if PROJECTOR not in name]
@@ -87,37 +88,23 @@ def optimizer_groups(model, projector_lr: float, weight_decay: float) -> list[di
     return groups
 
 
-def _trainer_class():
-    from transformers import Trainer
+class ModalityGroupedTrainer(Trainer):
+    """transformers' `Trainer` with LLaVA's ``group_by_modality_length`` sampler."""
 
-    from fura.vlm.data import ModalityLengthSampler
-
-    class ModalityGroupedTrainer(Trainer):
-        """transformers' `Trainer` with LLaVA's ``group_by_modality_length`` sampler."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return ModalityLengthSampler(
-                dataset.modality_lengths,
-                self.args.train_batch_size,
-                self.args.world_size * self.args.gradient_accumulation_steps,
-                seed=self.args.seed,
-            )
-
-    return ModalityGroupedTrainer
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthSampler(
+            dataset.modality_lengths,
+            self.args.train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
 
 
 def run(
     recipe: dict[str, Any], resume: bool = False, dry_run: bool = False, callbacks: list | None = None
 ) -> dict[str, Any]:
     """Train (or, with ``dry_run``, only build and validate) and return the run summary written to run.json."""
-    from transformers import Trainer
-
-    from fura.recipes import guard
-    from fura.recipes.sft import run_summary, save_and_report, training_arguments
-    from fura.reporting import PeakMemory, resume_checkpoint
-    from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
-
     start = time.perf_counter()
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     output_dir = Path(recipe["output_dir"])
@@ -161,7 +148,7 @@ def run(
     size = config.vision_config.image_size
     # several processes: every step runs the vision tower and projector on every rank (see LlavaCollator)
     dummy_image = (config.image_token_id, config.image_seq_length, (3, size, size)) if args.world_size > 1 else None
-    trainer_cls = _trainer_class() if vlm_args["group_by_modality_length"] else Trainer
+    trainer_cls = ModalityGroupedTrainer if vlm_args["group_by_modality_length"] else Trainer
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs["params"] = optimizer_groups(model, projector_lr, args.weight_decay)
     trainer = trainer_cls(
