@@ -14,7 +14,7 @@ import yaml
 
 from conftest import save_tiny_llama_dir
 from fura.methods import METHODS
-from fura.recipes import catalog, sft, vlm
+from fura.recipes import catalog, grpo, sft, vlm
 from fura.recipes.catalog import RECIPE_DIR
 from fura.recipes.config import RecipeError, load_recipe, paper_defaults
 
@@ -102,10 +102,14 @@ def test_editing_the_paper_recipe_changes_the_defaults(tmp_path, monkeypatch):
     recipe["training"]["learning_rate"] = 7e-4
     del recipe["data_args"]["split"]
     path.write_text(yaml.safe_dump(recipe))
+    rl_path = configs / "rl" / "fura.yaml"
+    rl_path.write_text(rl_path.read_text().replace("reward: math_verify", "reward: edited_reward"))
     monkeypatch.setattr(catalog, "RECIPE_DIR", configs)
     assert sft.training_arguments({"output_dir": str(tmp_path / "out")}).learning_rate == 7e-4
     with pytest.raises(RecipeError, match=r"unknown data_args keys \['split'\]"):  # the keys are the recipe's too
         sft.run({"output_dir": str(tmp_path / "out"), "data_args": {"split": "train"}}, dry_run=True)
+    with pytest.raises(RecipeError, match="reward: 'edited_reward' is not one of"):  # refused before any loading
+        grpo.run({"output_dir": str(tmp_path / "rl"), "model": "unused"})
 
 
 @pytest.mark.parametrize(
