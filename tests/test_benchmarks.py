@@ -33,6 +33,7 @@ TOY_ARGS = {
     "conversion_bench": ["--layers", "1"],
     "quant_error": ["--model", "tiny-llama"],
     "experiment_cost": ["--reps", "1", "--methods", "fura", "--sizes", "256"],
+    "cli_startup": ["--reps", "1", "--commands", "python -c pass,fura --help"],
 }
 
 
@@ -98,3 +99,6 @@ def test_benchmark_runs_and_writes_its_json(name, tmp_path):
         assert set(result["per_run_seconds"]) == {"fura/256"} and result["per_run_seconds"]["fura/256"] > 0
         assert result["projected"] == {}  # a subset projects nothing
         assert len(result["load_average_1min"]) == 2
+    elif name == "cli_startup":
+        assert {name: len(runs) for name, runs in result["runs_s"].items()} == {"python -c pass": 1, "fura --help": 1}
+        assert 0 < result["median_s"]["python -c pass"] < result["median_s"]["fura --help"]

@@ -1,9 +1,11 @@
-"""Every shipped commonsense and QFuRA recipe loads, has the paper's hyper-parameters, and dry-runs on a tiny model."""
+"""Every shipped commonsense and QFuRA recipe loads, has the paper's hyper-parameters, and dry-runs on a tiny model;
+the paper's recipe of each track is where that track's defaults are read from."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,9 @@ import yaml
 
 from conftest import save_tiny_llama_dir
 from fura.methods import METHODS
-from fura.recipes import sft
+from fura.recipes import catalog, grpo, sft, vlm
 from fura.recipes.catalog import RECIPE_DIR
-from fura.recipes.config import load_recipe
+from fura.recipes.config import RecipeError, load_recipe, paper_defaults
 
 CONFIGS = RECIPE_DIR
 TRACK1 = sorted((CONFIGS / "commonsense").glob("*.yaml"))
@@ -65,6 +67,49 @@ def test_dry_run_builds_model_and_method(path, tiny_model, tmp_path):
     assert summary["base_4bit"] == (path in TRACK4)
     assert summary["training_arguments"]["adam_beta2"] == 0.95
     assert not (tmp_path / "out" / "run.json").exists()  # a dry run trains and writes nothing
+
+
+# ------------------------------------------------------------------------------ defaults from the paper's recipes
+# What a user's recipe does not inherit: the machine's precision, memory and loader processes, and evaluation steps
+# that need a validation split.
+NOT_INHERITED = {"bf16", "activation_checkpointing", "dataloader_num_workers", "eval_strategy", "eval_steps"}
+
+
+@pytest.mark.parametrize("track", [sft, vlm], ids=["commonsense", "vlm"])
+def test_track_defaults_are_its_paper_recipe(track):
+    written = yaml.safe_load((CONFIGS / f"{track.PAPER_RECIPE}.yaml").read_text())
+    defaults = paper_defaults(track.PAPER_RECIPE)
+    assert defaults["training"] == {k: v for k, v in written["training"].items() if k not in NOT_INHERITED}
+    assert set(written["training"]) & NOT_INHERITED  # the exclusion is exercised, not vacuous
+    for section in ("data_args", "vlm") if track is vlm else ("data_args",):
+        assert defaults[section] == written[section]
+
+
+def test_a_bare_recipe_gets_the_paper_recipes_training_settings(tmp_path):
+    args = sft.training_arguments({"output_dir": str(tmp_path)})
+    written = yaml.safe_load((CONFIGS / "commonsense" / "fura.yaml").read_text())["training"]
+    for key, value in written.items():
+        if key not in NOT_INHERITED | {"report_to"}:  # report_to: auto is resolved to what is installed
+            assert getattr(args, key) == value, key
+    assert (args.bf16, args.eval_strategy.value) == (False, "no")  # TrainingArguments' own defaults
+
+
+def test_editing_the_paper_recipe_changes_the_defaults(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    path = configs / "commonsense" / "fura.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    recipe["training"]["learning_rate"] = 7e-4
+    del recipe["data_args"]["split"]
+    path.write_text(yaml.safe_dump(recipe))
+    rl_path = configs / "rl" / "fura.yaml"
+    rl_path.write_text(rl_path.read_text().replace("reward: math_verify", "reward: edited_reward"))
+    monkeypatch.setattr(catalog, "RECIPE_DIR", configs)
+    assert sft.training_arguments({"output_dir": str(tmp_path / "out")}).learning_rate == 7e-4
+    with pytest.raises(RecipeError, match=r"unknown data_args keys \['split'\]"):  # the keys are the recipe's too
+        sft.run({"output_dir": str(tmp_path / "out"), "data_args": {"split": "train"}}, dry_run=True)
+    with pytest.raises(RecipeError, match="reward: 'edited_reward' is not one of"):  # refused before any loading
+        grpo.run({"output_dir": str(tmp_path / "rl"), "model": "unused"})
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,7 @@ def test_recipes_have_the_papers_settings_and_dry_run(method, workspace, tmp_pat
     summary = vlm.run(recipe, dry_run=True)
     # one process: LLaVA-1.5's global batch of 128 is kept by accumulating 128 / 16 = 8 steps
     assert summary["training_arguments"]["gradient_accumulation_steps"] == 8
+    assert summary["training_arguments"]["adam_beta2"] == 0.999  # LLaVA-1.5's, from vlm/fura for every method
     trainable, total = summary["trainable_parameters"], summary["total_parameters"]
     _, model = vlm.build_model(recipe)
     vision = (

@@ -7,8 +7,9 @@
     fura experiment sentiment [opts]      FuRA vs LoRA vs full on a real model and human ratings, with label noise
     fura export [opts]                    a merged dense model, for transformers or vLLM
 
-Subcommand modules export ``add_arguments(parser)`` and ``run(args) -> int``. Each keeps its
-heavy imports (transformers, TRL, datasets) inside ``run``, so building the parser stays fast.
+Subcommand modules export ``add_arguments(parser)`` and ``run(args) -> int``. Only the module of the
+subcommand being run is imported (``fura --help`` lists the subcommands from the help strings below), and
+each keeps its heaviest third-party imports (TRL, datasets) inside ``run``, so building the parser stays fast.
 
 Errors: a mistake in what the user gave (a `fura.errors.UserError`, a bad flag) is one line on
 stderr and exit status 2; anything else is a bug and keeps its traceback. ``--debug`` (or ``-v``)
@@ -22,11 +23,13 @@ import importlib
 import logging
 import sys
 import traceback
-from typing import NoReturn
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.logging import RichHandler
 
+from fura import __version__
 from fura.errors import UserError
 
 console = Console(stderr=True)
@@ -54,7 +57,26 @@ EVALS: dict[str, tuple[str, str]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (the usage is one ``--help`` away), exit status 2."""
+    """An ArgumentParser whose errors are one line (the usage is one ``--help`` away), exit status 2.
+
+    The parser of a subcommand names its ``module``: the module is imported, and its arguments added, when
+    that subcommand is parsed, so the subcommands not run are never imported.
+    """
+
+    def __init__(self, *args: Any, module: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_module = module
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._pending_module is not None:
+            module, self._pending_module = self._pending_module, None
+            try:
+                importlib.import_module(module).add_arguments(self)
+            except ModuleNotFoundError as err:
+                if err.name != module:
+                    raise
+                self.set_defaults(_missing=True)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -67,21 +89,13 @@ def _add_debug_flags(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback of every error")
 
 
-def _add_module_parser(subparsers, name: str, module: str, help_text: str) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+def _add_module_parser(subparsers: Any, name: str, module: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, module=module)
     parser.set_defaults(_module=module)
     _add_debug_flags(parser, argparse.SUPPRESS)  # also accepted after the subcommand
-    try:
-        importlib.import_module(module).add_arguments(parser)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        parser.set_defaults(_missing=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fura import __version__
-
     parser = _Parser(prog="fura", description="FuRA: full-rank PEFT with spectral preconditioning")
     parser.add_argument("--version", action="version", version=_version_line(__version__))
     _add_debug_flags(parser, False)
@@ -100,8 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _version_line(fura_version: str) -> str:
     """fura's version and those of the libraries it runs on: the first thing a bug report needs."""
-    from importlib.metadata import PackageNotFoundError, version
-
     parts = [f"fura {fura_version}"]
     for name in ("torch", "transformers", "peft", "trl"):
         try:

@@ -18,7 +18,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from fura import methods
 from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -64,8 +70,6 @@ def hub_unavailable() -> str | None:
 @functools.lru_cache(maxsize=1)
 def _hub_unreachable() -> str | None:
     """One quick TCP connection to the hub endpoint (3 s), instead of the libraries' retries with backoff."""
-    from huggingface_hub import constants
-
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -95,10 +99,6 @@ def check_model_source(name: str | os.PathLike, key: str = "model", need: str | 
         return str(path)
     if _looks_like_path(text):
         raise UserError(f"{key} {text}: the path does not exist")
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(text)
     except HFValidationError:
@@ -163,8 +163,6 @@ def load_for_inference(
     the checkpoint's: `AutoModelForImageTextToText` / `AutoProcessor` for a VLM, else `AutoModelForCausalLM` /
     `AutoTokenizer`.
     """
-    from fura import methods
-
     path = check_model_source(model_or_adapter)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     load_dtype = torch_dtype(dtype)
@@ -172,8 +170,6 @@ def load_for_inference(
         model_cls, processor_cls = auto_classes(path, model_class, tokenizer_class)
         model = model_cls.from_pretrained(path, dtype=load_dtype).to(device)
         return model.eval(), processor_cls.from_pretrained(path)
-
-    from peft import PeftModel
 
     base = check_model_source(base_model or adapter_base_model(path), "base_model")
     model_cls, processor_cls = auto_classes(base, model_class, tokenizer_class)
@@ -194,8 +190,6 @@ def auto_classes(
 ) -> tuple[Any, Any]:
     """(model class, tokenizer class) for a checkpoint, unless given: a vision-language model (Llava) comes with its
     processor, anything else is a causal LM with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
     if model_class is not None and tokenizer_class is not None:
         return model_class, tokenizer_class
     vision = getattr(AutoConfig.from_pretrained(name_or_path), "vision_config", None) is not None

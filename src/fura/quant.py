@@ -24,6 +24,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from fura.bases import dequantize_weight, is_bnb_4bit, is_bnb_quantized
 from fura.tuner.config import FuraConfig
@@ -47,8 +48,6 @@ def _require_bitsandbytes(what: str) -> None:
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
     """The QLoRA `BitsAndBytesConfig`: NF4, double quantization, ``compute_dtype`` compute."""
     _require_bitsandbytes("4-bit loading")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

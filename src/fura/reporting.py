@@ -15,6 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+import transformers
+
+import fura
+from fura.recipes.guard import last_complete_checkpoint
+from fura.tuner.checks import AdapterLoadError, verify_saved_adapters
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,8 +63,6 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
-        import torch
-
         if torch.cuda.is_available():
             self.device = "cuda"
             torch.cuda.reset_peak_memory_stats()
@@ -73,8 +79,6 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
     def __exit__(self, *exc: object) -> None:
-        import torch
-
         if self.device == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._start
         else:
@@ -134,12 +138,6 @@ def plot_curves(
 
 def environment() -> dict[str, str]:
     """Versions that matter for reproducing a run."""
-    import peft
-    import torch
-    import transformers
-
-    import fura
-
     return {
         "fura": fura.__version__,
         "torch": torch.__version__,
@@ -178,9 +176,6 @@ def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
     their checksums: a damaged one is an error, not a silent resume from changed weights."""
     if not resume:
         return None
-    from fura.recipes.guard import last_complete_checkpoint
-    from fura.tuner.checks import AdapterLoadError, verify_saved_adapters
-
     output_dir = Path(output_dir)
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from fura.errors import UserError
+from fura.loading import hub_unavailable
 
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
@@ -40,9 +41,7 @@ def load_hub_dataset(source: str | os.PathLike, split: str, key: str, error: typ
     Without a reachable hub the download would retry with backoff; with ``HF_HUB_OFFLINE=1`` `datasets`
     reads its cache, and a miss becomes an ``error`` that says how to pass a local file.
     """
-    import datasets
-
-    from fura.loading import hub_unavailable
+    import datasets  # optional (the train extra): only a datasets id needs it
 
     reason = hub_unavailable()
     hint = f"pass a local file instead (e.g. --{key} /path/to/data.json)"

@@ -49,8 +49,6 @@ PROMPTS = {
 DEFAULT_PROMPT = "paper"
 PLAIN_SUFFIX = "\n\nSolution:"  # ends the prompt of a model without a chat template
 
-MATH_TRAIN_SIZE = 7500  # the paper trains on the 7,500 MATH training problems
-
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
@@ -69,7 +67,6 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "aime24": BenchmarkSpec("HuggingFaceH4/aime_2024", "train", num_samples=8, temperature=0.6, top_p=0.95),
     "aime25": BenchmarkSpec("math-ai/aime25", "test", num_samples=8, temperature=0.6, top_p=0.95),
 }
-MATH_TRAIN = BenchmarkSpec("DigitalLearningGmbH/MATH-lighteval", "train", num_samples=8, temperature=1.0)
 
 
 class MathDataError(UserError):

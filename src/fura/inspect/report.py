@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from rich.table import Table
+
 from fura.inspect.measures import InspectReport
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ def summary_row(report: InspectReport) -> dict[str, str]:
 
 def summary_table(reports: Mapping[str, InspectReport], title: str = "What each update did to the spectrum"):
     """A rich table with one row per named report (e.g. per method) and the `SUMMARY_COLUMNS`."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("update")
     for column in SUMMARY_COLUMNS:
@@ -59,8 +59,6 @@ def summary_table(reports: Mapping[str, InspectReport], title: str = "What each 
 
 def module_table(report: InspectReport):
     """A rich table of the means over layers per module type (the smallest rank, not a mean)."""
-    from rich.table import Table
-
     table = Table(title=f"{report.kind} update: means over layers per module")
     for column in ("module", "n", "blocks", "rank ΔW", "outside", "S drift", "‖ΔW‖/‖W0‖"):
         table.add_column(column, justify="left" if column in ("module", "blocks") else "right")
@@ -80,8 +78,6 @@ def module_table(report: InspectReport):
 
 def layer_table(report: InspectReport):
     """A rich table with one row per layer."""
-    from rich.table import Table
-
     table = Table(title=f"{report.kind} update: per layer")
     for column in ("layer", "module", "shape", "rank ΔW", "outside", "S drift", "‖ΔW‖/‖W0‖"):
         table.add_column(column, justify="left" if column in ("module", "shape") else "right")

@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
 
-from fura import blocks
+from fura import blocks, methods
 from fura.architectures import ARCHITECTURES, in_block
 from fura.errors import UserError
+from fura.tuner.config import FuraConfig
+from fura.tuner.layer import EXPLICIT, FRAME_INPUT, FRAME_OUTPUT
+from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +48,6 @@ class _TensorStore:
     """The tensors of a directory's safetensors files, read one at a time through ``safe_open`` (memory-mapped)."""
 
     def __init__(self, files: Sequence[Path], what: str) -> None:
-        from safetensors import SafetensorError, safe_open
-
         self.what = what
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
@@ -129,8 +134,6 @@ def _locate_model(name: str, origin: str) -> Path:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # not a repo id, or not cached: either way the user must point at the base
         raise UserError(
@@ -210,8 +213,6 @@ class BlockGrid:
 
 def grid_of(spec: Any) -> BlockGrid:
     """The `BlockGrid` of a tuner `LayerSpec`: the blocks whose spaces that layout keeps."""
-    from fura.tuner.layer import FRAME_INPUT, FRAME_OUTPUT
-
     if spec.mode == FRAME_OUTPUT:
         return BlockGrid(1, spec.n_blocks, "column")
     if spec.mode == FRAME_INPUT:
@@ -274,8 +275,6 @@ class _Reader:
 
 def _default_block_config(block_shape: Any, decomp_mode: str | None):
     """The FuRA config whose blocks a LoRA or full update is measured on: the paper default unless overridden."""
-    from fura import methods
-
     overrides: dict[str, Any] = {}
     if block_shape is not None:
         overrides["block_shape"] = block_shape
@@ -288,8 +287,6 @@ def _default_block_config(block_shape: Any, decomp_mode: str | None):
 
 
 def _grid_for(config: Any, module: str, out_features: int, in_features: int, reader: _Reader) -> BlockGrid:
-    from fura.tuner.spec import layer_spec
-
     try:
         return grid_of(layer_spec(config, module, out_features, in_features, reader.model_config))
     except ValueError as err:
@@ -298,10 +295,6 @@ def _grid_for(config: Any, module: str, out_features: int, in_features: int, rea
 
 def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Iterator[LayerUpdate]]:
     """FuRA: ``W`` rebuilt from the adapter's B, σ, R (or L, S, R) with `fura.blocks`, as the tuner merges it."""
-    from fura.tuner.config import FuraConfig
-    from fura.tuner.layer import EXPLICIT, FRAME_OUTPUT
-    from fura.tuner.spec import layer_spec
-
     config, adapter = _read_adapter(source.path, FuraConfig, "FuRA")
     keys = adapter.keys()
     modules = _modules_with(keys, (".fura_core", ".fura_left", ".fura_right"))
@@ -369,9 +362,6 @@ def _read_adapter(path: Path, config_class: type, kind: str) -> tuple[Any, _Tens
 
 def _lora_updates(source: UpdateSource, reader: _Reader, block_config: Any) -> tuple[list[str], Iterator[LayerUpdate]]:
     """LoRA: ``ΔW = scale·B·A`` from the adapter tensors, ``scale = α/r`` (``α/√r`` with rsLoRA)."""
-    from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
-
     config, adapter = _read_adapter(source.path, LoraConfig, "LoRA")
     keys = adapter.keys()
     if any("lora_magnitude_vector" in key for key in keys) or config.use_dora:

@@ -9,7 +9,8 @@ A recipe is a plain dict with a few top-level keys that every track shares:
     output_dir: runs/...                  where checkpoints, run.json and plots go
     training: {...}                       arguments of the trainer (TrainingArguments / GRPOConfig)
 
-Each track may add keys of its own, for example ``eval``.
+Each track may add keys of its own, for example ``eval``. The paper's recipe of a track (``commonsense/fura``,
+``vlm/fura``) is also the one place its defaults are written: `paper_defaults` reads them from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fura import methods
 from fura.errors import UserError
 from fura.recipes.catalog import resolve
 
@@ -36,6 +38,10 @@ SHORTHANDS = {
     "max_steps": "training.max_steps",
     "seed": "training.seed",
 }
+
+# Training keys of a paper recipe that are not defaults of the other recipes of its track: they depend on the
+# machine (precision, memory, data loader processes) or on the recipe having a validation split.
+RUN_SPECIFIC_KEYS = ("bf16", "activation_checkpointing", "dataloader_num_workers", "eval_strategy", "eval_steps")
 
 
 class RecipeError(UserError):
@@ -94,21 +100,37 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
     for key in ("model", "method", "output_dir"):
         if not recipe.get(key):
             raise RecipeError(f"recipe {path}: missing required key {key!r}")
-    from fura.methods import METHODS
-
-    if str(recipe["method"]).lower() not in METHODS:
+    if str(recipe["method"]).lower() not in methods.METHODS:
         raise RecipeError(
             f"recipe {path}: unknown method {recipe['method']!r} (key 'method' or --method); "
-            f"choose one of: {', '.join(METHODS)}"
+            f"choose one of: {', '.join(methods.METHODS)}"
         )
     recipe["_source"] = str(path)
     return recipe
 
 
+def paper_defaults(name: str) -> dict[str, dict[str, Any]]:
+    """The mappings of shipped recipe ``name`` (the paper's recipe of a track) as the defaults of that track's recipes:
+    each section as written, ``training`` without the `RUN_SPECIFIC_KEYS`."""
+    recipe = load_recipe(name)
+    sections = {key: value for key, value in recipe.items() if isinstance(value, dict)}
+    sections["training"] = {k: v for k, v in sections["training"].items() if k not in RUN_SPECIFIC_KEYS}
+    return sections
+
+
+def recipe_section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Mapping ``key`` of the recipe over its ``defaults``, whose keys are the only valid ones."""
+    values = {**defaults, **(recipe.get(key) or {})}
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise RecipeError(
+            f"recipe {recipe.get('_source', '')}: unknown {key} keys {sorted(unknown)}; valid: {sorted(defaults)}"
+        )
+    return values
+
+
 def build_method(model: Any, recipe: dict[str, Any]) -> Any:
     """``fura.methods.build`` for the recipe's method and ``method_args``; a config it refuses is a `RecipeError`."""
-    from fura import methods
-
     method_args = recipe.get("method_args") or {}
     if not isinstance(method_args, dict):
         raise RecipeError(f"recipe {recipe.get('_source', '')}: method_args must be a mapping, got {method_args!r}")

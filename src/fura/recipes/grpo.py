@@ -3,12 +3,12 @@
 A recipe (``fura recipes`` lists the ``rl/*`` ones) names the model, the method and its overrides (``method_args``),
 the MATH training data, and a ``training`` mapping that is passed to `trl.GRPOConfig` as is. The
 paper's recipe is expressed entirely through GRPOConfig knobs (see docs/math_rl.md for the
-mapping). Extra keys of this track:
+mapping). Extra keys of this track, with their defaults in the paper's recipe ``rl/fura`` (`PAPER_RECIPE`):
 
-    data_split: train              split of a datasets id (ignored for local files)
-    num_train_problems: 7500       the first N records of the data
-    prompt: paper                  the user message (`fura.data.math.PROMPTS`: paper, fura)
-    reward: math_verify            the reward (`fura.rewards.REWARDS`: math_verify, is_equiv)
+    data_split                     split of a datasets id (ignored for local files)
+    num_train_problems             the first N records of the data
+    prompt                         the user message (`fura.data.math.PROMPTS`: paper, fura)
+    reward                         the reward (`fura.rewards.REWARDS`: math_verify, is_equiv)
     model_args: {...}              keyword arguments of from_pretrained (e.g. attn_implementation)
     training_guard: {nonfinite: error}   or ``skip`` (see `fura.recipes.guard`)
 
@@ -34,25 +34,18 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from fura import methods, quant, reporting
-from fura.data.math import (
-    DEFAULT_PROMPT,
-    MATH_TRAIN,
-    MATH_TRAIN_SIZE,
-    PROMPTS,
-    grpo_dataset,
-    has_chat_template,
-    load_problems,
-)
+from fura.data.math import PROMPTS, grpo_dataset, has_chat_template, load_problems
 from fura.loading import check_model_source
 from fura.recipes import guard
-from fura.recipes.config import RecipeError, build_method
+from fura.recipes.config import RecipeError, build_method, load_recipe
 from fura.rewards import REWARDS
 from fura.vllm_sync import DenseSyncVLLMGeneration, needs_dense_sync
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-DEFAULT_REWARD = "math_verify"
+# The paper's RL recipe holds this track's defaults of data, data_split, num_train_problems, prompt and reward.
+PAPER_RECIPE = "rl/fura"
 
 
 class FuraGRPOTrainer(GRPOTrainer):
@@ -93,16 +86,17 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
 
     Returns the trainer (after training, or untrained with ``dry_run``) so callers can inspect it.
     """
-    prompt = _choice(recipe, "prompt", PROMPTS, DEFAULT_PROMPT)
-    reward = REWARDS[_choice(recipe, "reward", REWARDS, DEFAULT_REWARD)]
+    defaults = load_recipe(PAPER_RECIPE)
+    prompt = _choice(recipe, "prompt", PROMPTS, defaults["prompt"])
+    reward = REWARDS[_choice(recipe, "reward", REWARDS, defaults["reward"])]
     args = grpo_config(recipe)
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     model_source = check_model_source(recipe["model"])
     set_seed(args.seed)
     problems = load_problems(
-        recipe.get("data") or MATH_TRAIN.source,
-        recipe.get("data_split", MATH_TRAIN.split),
-        recipe.get("num_train_problems", MATH_TRAIN_SIZE),
+        recipe.get("data") or defaults["data"],
+        recipe.get("data_split", defaults["data_split"]),
+        recipe.get("num_train_problems", defaults["num_train_problems"]),
     )
     tokenizer = AutoTokenizer.from_pretrained(model_source, padding_side="left")
     model = methods.load_model(model_source, recipe["method"], **(recipe.get("model_args") or {}))

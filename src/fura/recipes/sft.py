@@ -1,10 +1,10 @@
 """Commonsense SFT (tracks 1 and 4): a recipe dict in, a trained adapter, run.json and a loss curve out.
 
 The recipe (see :mod:`fura.recipes.config`) names the model, the method, the data and the
-`TrainingArguments`; this module fills in the paper's defaults for what the recipe leaves out and
-runs transformers' `Trainer`. Recipe keys of this track:
+`TrainingArguments`; this module fills in what the recipe leaves out from the paper's recipe of the
+track, ``commonsense/fura`` (`PAPER_RECIPE`), and runs transformers' `Trainer`. Recipe keys of this track:
 
-    data_args:  {max_length: 2048, val_size: 120, train_on_prompt: false, split: train, prompt: alpaca}
+    data_args:  {max_length, val_size, train_on_prompt, split, prompt}   (defaults: ``commonsense/fura``'s)
                 prompt: alpaca (fura's one template) or paper (the released code's strings, see
                 fura.data.commonsense); the evaluation after training uses the same style
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
@@ -14,65 +14,54 @@ runs transformers' `Trainer`. Recipe keys of this track:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from fura.recipes.config import RecipeError, build_method
+import torch
+from rich.console import Console
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.integrations import get_available_reporting_integrations, is_deepspeed_zero3_enabled
+
+from fura import methods, quant
+from fura.data.commonsense import build_datasets
+from fura.evaluation.commonsense import (
+    GenerationSettings,
+    answer_patterns,
+    discover_tasks,
+    evaluate_tasks,
+    load_task,
+    results_table,
+    summarize,
+)
+from fura.loading import check_model_source, torch_dtype
+from fura.recipes import guard
+from fura.recipes.config import RecipeError, build_method, paper_defaults, recipe_section
+from fura.reporting import PeakMemory, loss_series, plot_curves, resume_checkpoint, write_run_json
 
 logger = logging.getLogger(__name__)
 
-# The paper's commonsense settings (docs/design.md#the-papers-recipes); a recipe's `training` overrides them.
-PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 8,
-    "gradient_accumulation_steps": 2,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.95,
-    "weight_decay": 0.0,
-    "lr_scheduler_type": "linear",
-    "warmup_steps": 0.03,
-    "logging_steps": 10,
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 3,
-    "report_to": "auto",
-}
-DATA_DEFAULTS: dict[str, Any] = {
-    "max_length": 2048,
-    "val_size": 120,
-    "train_on_prompt": False,
-    "split": "train",
-    "prompt": "alpaca",
-}
+# The paper's commonsense recipe holds this track's defaults (docs/design.md#the-papers-recipes).
+PAPER_RECIPE = "commonsense/fura"
 
 
 def resolve_report_to(value: Any) -> Any:
     """``auto``: TensorBoard if installed (W&B only on request: it needs an account), else none."""
     if value != "auto":
         return value
-    from transformers.integrations import get_available_reporting_integrations
-
     return ["tensorboard"] if "tensorboard" in get_available_reporting_integrations() else "none"
 
 
 def _accelerator_available() -> bool:
-    import torch
-
     accelerator = getattr(torch, "accelerator", None)
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def training_arguments(recipe: dict[str, Any]):
-    """`TrainingArguments` from the paper's defaults, the recipe's ``training`` section and its output_dir."""
-    from transformers import TrainingArguments
-
-    from fura import quant
-
-    kwargs = {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}
+    """`TrainingArguments` from the recipe's ``training`` section over `PAPER_RECIPE`'s, and its output_dir."""
+    kwargs = {**paper_defaults(PAPER_RECIPE)["training"], **(recipe.get("training") or {})}
     kwargs["report_to"] = resolve_report_to(kwargs["report_to"])
     if kwargs.get("activation_checkpointing") or kwargs.get("gradient_checkpointing"):
         # transformers 5.24 renamed gradient_checkpointing_kwargs (a FutureWarning now); older 5.x lack the new name
@@ -94,11 +83,6 @@ def training_arguments(recipe: dict[str, Any]):
 
 def build_model(recipe: dict[str, Any]):
     """Tokenizer and the model prepared for the recipe's method (a PeftModel, or the model for 'full')."""
-    from transformers import AutoTokenizer
-
-    from fura import methods
-    from fura.loading import check_model_source, torch_dtype
-
     model_args = dict(recipe.get("model_args") or {})
     if "dtype" in model_args:
         model_args["dtype"] = torch_dtype(model_args["dtype"])
@@ -119,10 +103,6 @@ EVAL_KEYS = ("dataset_dir", "tasks", "limit", "batch_size", "answer_patterns")
 
 def check_eval_config(recipe: dict[str, Any]) -> None:
     """Refuse a bad ``eval`` section before training, not after it: it needs dataset_dir, and only known keys."""
-    import dataclasses
-
-    from fura.evaluation.commonsense import GenerationSettings
-
     eval_cfg = recipe.get("eval")
     if not eval_cfg:
         return
@@ -142,18 +122,6 @@ def evaluate_after_training(
 ) -> dict[str, Any] | None:
     """The commonsense protocol on the trained model, in its training ``prompt`` style, when ``eval.dataset_dir``
     exists (else None, logged)."""
-    import dataclasses
-
-    from fura.evaluation.commonsense import (
-        GenerationSettings,
-        answer_patterns,
-        discover_tasks,
-        evaluate_tasks,
-        load_task,
-        results_table,
-        summarize,
-    )
-
     dataset_dir = Path(eval_cfg["dataset_dir"])
     if not dataset_dir.is_dir():
         logger.warning(
@@ -168,8 +136,6 @@ def evaluate_after_training(
     model.eval()
     batch_size = eval_cfg.get("batch_size", 8)
     summary = summarize(evaluate_tasks(model, tokenizer, data, patterns, settings, batch_size, prompt=prompt))
-    from rich.console import Console
-
     Console().print(results_table(summary))
     return summary
 
@@ -177,8 +143,6 @@ def evaluate_after_training(
 def run_summary(recipe: dict[str, Any], args: Any, model: Any) -> dict[str, Any]:
     """The start of run.json, shared by the recipes: the recipe, the training arguments and the trainable count
     (also logged)."""
-    from fura import methods, quant
-
     trainable, total = methods.trainable_parameters(model)
     logger.info(
         "%s on %s: %s trainable of %s parameters (%.3f%%)",
@@ -209,20 +173,10 @@ def run(
     ``callbacks`` are extra `TrainerCallback`s. With an ``eval`` section in the recipe, the trained
     model is evaluated with the commonsense protocol and the accuracies go into run.json.
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from fura.data.commonsense import build_datasets
-    from fura.recipes import guard
-    from fura.reporting import PeakMemory, resume_checkpoint
-
     start = time.perf_counter()
     output_dir = Path(recipe["output_dir"])
     args = training_arguments(recipe)
-    data_args = {**DATA_DEFAULTS, **(recipe.get("data_args") or {})}
-    unknown = set(data_args) - set(DATA_DEFAULTS)
-    if unknown:
-        raise RecipeError(f"recipe {recipe.get('_source', '')}: unknown data_args {sorted(unknown)}")
+    data_args = recipe_section(recipe, "data_args", paper_defaults(PAPER_RECIPE)["data_args"])
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     check_eval_config(recipe)  # so does a bad eval section
     if not recipe.get("data"):
@@ -301,9 +255,6 @@ def save_and_report(
 ) -> None:
     """After training, shared by the recipes: save the model (gathered first when sharded) and its tokenizer or
     processor, plot the loss curves, and complete and write run.json (on the main process only)."""
-    from fura import methods
-    from fura.reporting import loss_series, plot_curves, write_run_json
-
     output_dir = Path(recipe["output_dir"])
     # Under FSDP or DeepSpeed the parameters are sharded: every rank takes part in gathering the full state dict.
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled

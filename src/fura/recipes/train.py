@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fura import outputs
 from fura.recipes.config import SHORTHANDS, TRACKS, load_recipe
+from fura.recipes.guard import last_complete_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(recipe["output_dir"])
 
     def next_step() -> str:
-        from fura.recipes.guard import last_complete_checkpoint
-
         last = last_complete_checkpoint(output_dir, log=False)
         return (
             f"the last complete checkpoint is {last}; once the cause is fixed, run: {resume_command(args)}"

@@ -12,10 +12,12 @@ Adapters go on the language model's seven projections only (`fura.vlm.LANGUAGE_M
 projector trains in full (``modules_to_save``) and is saved with the adapter; the vision tower is
 frozen. Recipe keys of this track:
 
-    data_args:  {max_length: 2048, image_folder: <dir of the data file>, check_images: true}
+    data_args:  {max_length, image_folder (default: the data file's folder), check_images}
     model_args: {dtype: bfloat16, attn_implementation: ...}   (passed to from_pretrained)
-    vlm:        {projector_lr: 2.0e-5, group_by_modality_length: true, global_batch_size: 128}
+    vlm:        {projector_lr, group_by_modality_length, global_batch_size}
     training:   TrainingArguments (see fura.recipes.sft.training_arguments)
+
+The paper's recipe of the track, ``vlm/fura`` (`PAPER_RECIPE`), holds the defaults of these sections.
 
 ``vlm.global_batch_size`` keeps LLaVA-1.5's batch of 128 on any number of processes: gradient accumulation
 is set to 128 ÷ (processes × per-device batch), 8 with one process at 16 per device, 1 on 8 GPUs. A batch
@@ -30,40 +32,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fura.recipes.config import RecipeError
+from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer
+
+from fura import methods
+from fura.loading import torch_dtype
+from fura.recipes import guard
+from fura.recipes.config import RecipeError, paper_defaults, recipe_section
+from fura.recipes.sft import run_summary, save_and_report, training_arguments
+from fura.reporting import PeakMemory, resume_checkpoint
+from fura.vlm import LANGUAGE_MODEL_TARGETS, PROJECTOR
+from fura.vlm.data import LlavaCollator, LlavaDataset, ModalityLengthSampler, load_records
 
 logger = logging.getLogger(__name__)
 
-# LLaVA-1.5's finetune recipe (scripts/v1_5/finetune*.sh), the paper's FuRA lr; a recipe's `training` overrides them.
-PAPER_TRAINING_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 16,  # × 8 GPUs = global batch 128 (the accumulation follows vlm.global_batch_size)
-    "per_device_eval_batch_size": 4,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "weight_decay": 0.0,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,
-    "logging_steps": 1,
-    "save_strategy": "steps",
-    "save_steps": 50000,
-    "save_total_limit": 1,
-    "report_to": "auto",
-    "remove_unused_columns": False,
-}
-DATA_DEFAULTS: dict[str, Any] = {"max_length": 2048, "image_folder": None, "check_images": True}
-VLM_DEFAULTS: dict[str, Any] = {"projector_lr": 2e-5, "group_by_modality_length": True, "global_batch_size": 128}
-
-
-def _section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    values = {**defaults, **(recipe.get(key) or {})}
-    unknown = set(values) - set(defaults)
-    if unknown:
-        raise RecipeError(
-            f"recipe {recipe.get('_source', '')}: unknown {key} keys {sorted(unknown)}; valid: {sorted(defaults)}"
-        )
-    return values
+# LLaVA-1.5's finetune recipe (scripts/v1_5/finetune*.sh) with the paper's FuRA lr: this track's defaults.
+PAPER_RECIPE = "vlm/fura"
 
 
 def build_model(recipe: dict[str, Any]):
@@ -72,12 +55,6 @@ def build_model(recipe: dict[str, Any]):
     Adapter methods target the language model's projections unless ``method_args`` says otherwise and
     keep the projector whole in ``modules_to_save``; ``full`` trains the language model and projector.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from fura import methods
-    from fura.loading import torch_dtype
-    from fura.vlm import LANGUAGE_MODEL_TARGETS, PROJECTOR
-
     model_args = dict(recipe.get("model_args") or {})
     if "dtype" in model_args:
         model_args["dtype"] = torch_dtype(model_args["dtype"])
@@ -102,8 +79,6 @@ def build_model(recipe: dict[str, Any]):
 
 def optimizer_groups(model, projector_lr: float, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two groups: the projector at ``projector_lr``, everything else at the run's lr."""
-    from fura.vlm import PROJECTOR
-
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     projector = [p for name, p in trainable if PROJECTOR in name]
     rest = [p for name, p in trainable if PROJECTOR not in name]
@@ -113,49 +88,36 @@ def optimizer_groups(model, projector_lr: float, weight_decay: float) -> list[di
     return groups
 
 
-def _trainer_class():
-    from transformers import Trainer
+class ModalityGroupedTrainer(Trainer):
+    """transformers' `Trainer` with LLaVA's ``group_by_modality_length`` sampler."""
 
-    from fura.vlm.data import ModalityLengthSampler
-
-    class ModalityGroupedTrainer(Trainer):
-        """transformers' `Trainer` with LLaVA's ``group_by_modality_length`` sampler."""
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return ModalityLengthSampler(
-                dataset.modality_lengths,
-                self.args.train_batch_size,
-                self.args.world_size * self.args.gradient_accumulation_steps,
-                seed=self.args.seed,
-            )
-
-    return ModalityGroupedTrainer
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthSampler(
+            dataset.modality_lengths,
+            self.args.train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
 
 
 def run(
     recipe: dict[str, Any], resume: bool = False, dry_run: bool = False, callbacks: list | None = None
 ) -> dict[str, Any]:
     """Train (or, with ``dry_run``, only build and validate) and return the run summary written to run.json."""
-    from transformers import Trainer
-
-    from fura.recipes import guard
-    from fura.recipes.sft import run_summary, save_and_report, training_arguments
-    from fura.reporting import PeakMemory, resume_checkpoint
-    from fura.vlm.data import LlavaCollator, LlavaDataset, load_records
-
     start = time.perf_counter()
     guard.NonFiniteGuard.from_recipe(recipe)  # a bad training_guard fails before the model loads
     output_dir = Path(recipe["output_dir"])
-    data_args = _section(recipe, "data_args", DATA_DEFAULTS)
-    vlm_args = _section(recipe, "vlm", VLM_DEFAULTS)
+    defaults = paper_defaults(PAPER_RECIPE)
+    data_args = recipe_section(recipe, "data_args", defaults["data_args"])
+    vlm_args = recipe_section(recipe, "vlm", defaults["vlm"])
     try:
         projector_lr = float(vlm_args["projector_lr"])  # YAML reads 1e-5 (no dot) as a string
     except (TypeError, ValueError):
         raise RecipeError(
             f"recipe {recipe.get('_source', '')}: vlm.projector_lr must be a number, got {vlm_args['projector_lr']!r}"
         ) from None
-    training = {**PAPER_TRAINING_DEFAULTS, **(recipe.get("training") or {})}
+    training = {**defaults["training"], **(recipe.get("training") or {})}
     args = training_arguments({**recipe, "training": training})
     if vlm_args["global_batch_size"]:
         accumulation = _accumulation(recipe, args, int(vlm_args["global_batch_size"]))
@@ -186,7 +148,7 @@ def run(
     size = config.vision_config.image_size
     # several processes: every step runs the vision tower and projector on every rank (see LlavaCollator)
     dummy_image = (config.image_token_id, config.image_seq_length, (3, size, size)) if args.world_size > 1 else None
-    trainer_cls = _trainer_class() if vlm_args["group_by_modality_length"] else Trainer
+    trainer_cls = ModalityGroupedTrainer if vlm_args["group_by_modality_length"] else Trainer
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     optimizer_kwargs["params"] = optimizer_groups(model, projector_lr, args.weight_decay)
     trainer = trainer_cls(

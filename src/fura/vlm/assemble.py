@@ -17,11 +17,28 @@ already instruction-tuned on the same data). `assemble` joins them the way LLaVA
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from tokenizers import AddedToken
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
 from fura.errors import UserError
+from fura.loading import torch_dtype
 from fura.vlm import IMAGE_TOKEN, PAD_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -36,15 +53,11 @@ class PartError(UserError):
 
 def load_projector_state(path: str | Path) -> dict[str, Any]:
     """The projector's tensors from ``mm_projector.bin`` (a torch pickle, read ``weights_only``) or safetensors."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise PartError(f"--projector {path}: no such file (LLaVA-1.5's stage-1 mm_projector.bin)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reader failure means a bad file; the message says which
@@ -89,8 +102,6 @@ def projector_weights(state: dict[str, Any], path: str | Path, text_hidden: int,
 
 
 def _vision_config(path: Path):
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -107,10 +118,8 @@ def _vision_config(path: Path):
 def image_processor_for(vision_path: Path, vision_config):
     """LLaVA-1.5's image pipeline (pad to square with the mean colour, resize, crop) with the tower's CLIP settings.
 
-    The PIL backend: it needs no torchvision.
+    The PIL backend: it needs no torchvision. Pillow is optional for fura, so it is imported here, when needed.
     """
-    import json
-
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     config_file = vision_path / "preprocessor_config.json"
@@ -146,21 +155,6 @@ def assemble(
     ``seed`` makes the new embedding rows (``<image>``, ``<pad>`` and the padding to a multiple of 64)
     reproducible. Returns ``output``.
     """
-    import torch
-    from tokenizers import AddedToken
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        CLIPVisionModel,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    from fura.loading import torch_dtype
-
     lm_path, vision_path, output = Path(language_model), Path(vision_tower), Path(output)
     for flag, path in (("--language-model", lm_path), ("--vision-tower", vision_path)):
         if not (path / "config.json").is_file():
@@ -255,8 +249,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     path = assemble(args.language_model, args.vision_tower, args.projector, args.output, args.dtype, args.seed)
     Console().print(
         f"[green]LLaVA starting model saved to {path}[/green]; train it with `fura train --config vlm/fura`"
