@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fura import blocks
+from fura import blocks, implicit
 
 
 def _inputs(sigma: bool):
@@ -30,7 +30,7 @@ def test_gradients_are_exact(layout, transpose, sigma):
     inputs = (x, core, s) if sigma else (x, core)
 
     def fn(x, core, s=None):
-        return blocks.apply_fura_transform(x, basis, s, core, transpose)
+        return implicit.apply_fura_transform(x, basis, s, core, transpose)
 
     assert torch.autograd.gradcheck(fn, inputs)
     transform = blocks.block_transform(basis, core, s)
@@ -43,7 +43,7 @@ def test_autograd_saves_nothing_new():
     x, basis, s, core = _inputs(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        blocks.apply_fura_transform(x, basis, s, core)
+        implicit.apply_fura_transform(x, basis, s, core)
     persistent = {t.untyped_storage().data_ptr() for t in (x, basis, s, core)}
     assert saved and all(t.untyped_storage().data_ptr() in persistent for t in saved)
 
@@ -55,7 +55,7 @@ def test_autocast_runs_the_products_in_its_dtype(transpose):
     x.requires_grad_(True)
     core.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = blocks.apply_fura_transform(x, basis, s, core, transpose)
+        y = implicit.apply_fura_transform(x, basis, s, core, transpose)
     assert y.dtype == torch.bfloat16
     # Against the fp32 product: off by bf16 rounding, i.e. within a few eps_bf16 of the sum of |terms|, and not exact.
     transform = blocks.block_transform(basis, core, s)

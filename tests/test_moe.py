@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.func import functional_call
 
-from fura import FuraConfig, FuraLayer, blocks
+from fura import FuraConfig, FuraLayer, blocks, implicit
 from fura.errors import UserError
 from fura.functional import count_trainable_parameters
 from fura.tuner.checks import AdapterLoadError, NonFiniteAdapterError
@@ -386,11 +386,11 @@ def test_adapted_stack_gradients_are_exact():
     core = (fac.core + 0.1 * torch.randn_like(fac.core)).requires_grad_()
     sigma = (fac.sigma * 1.1).requires_grad_()
     frame.requires_grad_()
-    assert torch.autograd.gradcheck(blocks.adapted_stack, (frame, fac.basis, sigma, core))
+    assert torch.autograd.gradcheck(implicit.adapted_stack, (frame, fac.basis, sigma, core))
     assert fac.basis.shape == (stack * n, b, b)
     with torch.no_grad():
-        merged = blocks.merge_into(frame, blocks.block_transform(fac.basis, core, sigma))
-    torch.testing.assert_close(blocks.adapted_stack(frame, fac.basis, sigma, core), merged, rtol=0, atol=1e-12)
+        merged = implicit.merge_into(frame, blocks.block_transform(fac.basis, core, sigma))
+    torch.testing.assert_close(implicit.adapted_stack(frame, fac.basis, sigma, core), merged, rtol=0, atol=1e-12)
 
 
 def test_low_cpu_mem_usage_load_is_exact(trained, tmp_path):

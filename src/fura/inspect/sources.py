@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from fura import blocks
+from fura import blocks, implicit
 from fura.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -338,9 +338,9 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
                     raise reader.mismatch(module, f"basis B has shape {got}, the base needs {expected}")
                 transform = blocks.block_transform(basis, core, sigma)
                 if spec.mode == FRAME_OUTPUT:
-                    weight = blocks.merge_into(w0, transform)
+                    weight = implicit.merge_into(w0, transform)
                 else:
-                    weight = blocks.merge_into(w0.T, transform).T
+                    weight = implicit.merge_into(w0.T, transform).T
             delta = weight - w0
             del weight  # only W0 and ΔW stay in memory while the layer is measured
             yield LayerUpdate(module, w0, delta, grid_of(spec))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fura import blocks
+from fura import implicit
 from fura.errors import UserError
 from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, LayerSpec
 
@@ -206,9 +206,9 @@ class FuraExperts(nn.Module, FuraLayer):
             sigma = self.fura_sigma[name] if name in self.fura_sigma else None
             factors = (self.fura_basis[name], sigma, self.fura_core[name])
             if self.fura_spec[name].mode == FRAME_OUTPUT:
-                weight = blocks.adapted_stack(weight, *factors)
+                weight = implicit.adapted_stack(weight, *factors)
             else:
-                weight = blocks.adapted_stack(weight.mT, *factors).mT
+                weight = implicit.adapted_stack(weight.mT, *factors).mT
         return self._to_base_layout(weight).to(param.dtype)
 
     def _check_implementation(self) -> None:
@@ -305,7 +305,7 @@ class FuraExperts(nn.Module, FuraLayer):
                         layer.fura_core[adapter],
                     )
                 ]
-                x_part = blocks.apply_fura_transform(layer._cast_input_dtype(x, factors[2].dtype), *factors)
+                x_part = implicit.apply_fura_transform(layer._cast_input_dtype(x, factors[2].dtype), *factors)
             parts.append(torch.nn.functional.linear(x_part.to(weights.dtype), weights[index]))
         y = torch.stack(parts, dim=-1).flatten(-2) if geometry.interleaved else torch.cat(parts, dim=-1)
         if getattr(base, "has_bias", False):

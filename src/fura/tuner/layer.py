@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn import functional as F
 
-from fura import bases, blocks
+from fura import bases, blocks, implicit
 from fura.errors import UserError
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
@@ -143,8 +143,8 @@ class FuraLayer(BaseTunerLayer):
     def apply_transform(weight: torch.Tensor, mode: str, transform: torch.Tensor) -> torch.Tensor:
         """``weight`` (out × in, or a stack of them) with one implicit adapter's ``blockdiag(M)`` on its split side."""
         if mode == FRAME_OUTPUT:
-            return blocks.merge_into(weight, transform)
-        return blocks.merge_into(weight.mT, transform).mT
+            return implicit.merge_into(weight, transform)
+        return implicit.merge_into(weight.mT, transform).mT
 
     def update_layer(
         self,
@@ -478,7 +478,7 @@ class FuraLinear(nn.Module, FuraLayer):
         core = self.fura_core[name]
         sigma = self.fura_sigma[name] if name in self.fura_sigma else None
         x = self._cast_input_dtype(x, core.dtype)
-        return blocks.apply_fura_transform(x, self.fura_basis[name], sigma, core, transpose=transpose)
+        return implicit.apply_fura_transform(x, self.fura_basis[name], sigma, core, transpose=transpose)
 
     def _explicit_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """``x·W(L, S, R)ᵀ + bias``: the explicit adapter's weight in place of the base weight."""
