@@ -11,7 +11,7 @@ from torch import nn
 
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
 from fura.tuner.experts import default_target_parameters, matched_parameters
-from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, base_features
 from fura.tuner.model import FURA_TARGET_MODULES, layer_spec, parameter_spec, trained_cores
 
 
@@ -63,7 +63,7 @@ def configure_blocktt_trainability(model: nn.Module, train_position: str = "smal
             else:
                 out_block, in_block = (
                     (module.out_features, spec.block_size)
-                    if spec.mode == FRAME_OUTPUT
+                    if spec.mode == OUTPUT_ONE_BLOCK
                     else (spec.block_size, module.in_features)
                 )
                 if trained_cores(train_position, out_block, in_block) != (spec.train_left, spec.train_right):

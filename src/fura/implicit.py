@@ -2,8 +2,8 @@
 
 `fura.blocks` builds the tensors; this module computes with them. ``apply_fura_transform`` applies
 ``blockdiag(M)`` to activations (the forward of a dense layer), ``adapted_stack`` to a stack of expert weights,
-and ``merge_into`` folds it into a weight. Autograd keeps only the input and the small factors; ``M`` is
-recomputed in backward.
+and ``merge_into`` merges it into a weight. Autograd keeps only tensors that exist anyway (the input or the base
+weight, and the small factors); ``M`` is recomputed in backward.
 """
 
 from __future__ import annotations
@@ -53,63 +53,65 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
 class _FuraTransform(torch.autograd.Function):
     """``y = x · blockdiag(M)ᵀ`` (or ``x · blockdiag(M)``) with ``M = B·diag(σ)·R``, in one autograd node.
 
+    ``B`` is the frozen left factor that stands for L (`fura.blocks`), ``R`` the trainable small core.
+
     Autograd keeps only tensors that exist anyway: the input and the small B, σ and R. M itself is
     recomputed in backward (n·b³ flops), so no activation-sized or M-sized tensor is saved.
     """
 
     @staticmethod
-    def forward(ctx, x, basis, sigma, core, transpose: bool):
-        transform = block_transform(basis, core, sigma)
+    def forward(ctx, x, left_factor, sigma, right, transpose: bool):
+        transform = block_transform(left_factor, right, sigma)
         # Autocast does not cast a product written through out=, so cast here as it would.
         flat = x.reshape(-1, x.shape[-1]).to(_autocast_dtype(x))
         # y_j = M_j x_j as rows: x_j · M_jᵀ; with transpose, y_j = M_jᵀ x_j, i.e. x_j · M_j.
         y = _block_matmul(flat, transform.to(flat.dtype), transpose=not transpose)
-        ctx.save_for_backward(x, basis, sigma, core)
+        ctx.save_for_backward(x, left_factor, sigma, right)
         ctx.transpose = transpose
         ctx.compute_dtype = y.dtype  # bf16 under autocast: backward computes in the forward's precision
         return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, basis, sigma, core = ctx.saved_tensors
-        n, b, _ = basis.shape
+        x, left_factor, sigma, right = ctx.saved_tensors
+        n, b, _ = left_factor.shape
         dtype = ctx.compute_dtype
-        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
+        scaled = left_factor if sigma is None else left_factor * sigma.unsqueeze(1)  # B·diag(σ)
         grad = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        grad_x = grad_basis = grad_sigma = grad_core = None
+        grad_x = grad_left_factor = grad_sigma = grad_right = None
         if ctx.needs_input_grad[0]:
-            transform = torch.bmm(scaled, core).to(dtype)  # M, recomputed rather than saved
+            transform = torch.bmm(scaled, right).to(dtype)  # M, recomputed rather than saved
             grad_x = _block_matmul(grad, transform, transpose=ctx.transpose).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # y_j = x_j · W_j with W_j = M_jᵀ (or M_j with transpose): dL/dW_j = x_jᵀ g_j.
-            grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(core.dtype)
+            grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(right.dtype)
             grad_m = grad_w if ctx.transpose else grad_w.transpose(1, 2)
-            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
-        return grad_x, grad_basis, grad_sigma, grad_core, None
+            grad_sigma, grad_right = _factor_grads(grad_m, left_factor, sigma, right, scaled, ctx.needs_input_grad[2:4])
+        return grad_x, grad_left_factor, grad_sigma, grad_right, None
 
 
 def _factor_grads(
     grad_m: torch.Tensor,
-    basis: torch.Tensor,
+    left_factor: torch.Tensor,
     sigma: torch.Tensor | None,
-    core: torch.Tensor,
+    right: torch.Tensor,
     scaled: torch.Tensor,
     needed: tuple[bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of σ and R from the gradient of ``M = B·diag(σ)·R`` (``scaled`` is ``B·diag(σ)``), where needed."""
-    grad_sigma = grad_core = None
+    grad_sigma = grad_right = None
     if needed[1]:
-        grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
+        grad_right = torch.bmm(scaled.transpose(1, 2), grad_m)
     if sigma is not None and needed[0]:
-        grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
-    return grad_sigma, grad_core
+        grad_sigma = (torch.bmm(grad_m, right.transpose(1, 2)) * left_factor).sum(dim=1)
+    return grad_sigma, grad_right
 
 
 def apply_fura_transform(
     x: torch.Tensor,
-    basis: torch.Tensor,
+    left_factor: torch.Tensor,
     sigma: torch.Tensor | None,
-    core: torch.Tensor,
+    right: torch.Tensor,
     transpose: bool = False,
 ) -> torch.Tensor:
     """Apply ``blockdiag(M)``, ``M = B·diag(σ)·R``, to the last dimension of ``x``: ``y_j = M_j x_j`` (or ``M_jᵀ x_j``).
@@ -117,39 +119,39 @@ def apply_fura_transform(
     This is the FuRA forward on the side that carries the blocks. It is differentiable in R and σ,
     and autograd keeps no copy of the activation (see `_FuraTransform`).
     """
-    return _FuraTransform.apply(x, basis, sigma, core, transpose)
+    return _FuraTransform.apply(x, left_factor, sigma, right, transpose)
 
 
-def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``.
+def merge_into(blocked: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """``A0 · blockdiag(M)``: the merged blocked weight, ``A[:, j] = A0[:, j] · M_j``.
 
-    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order (not
+    A stack of blocked weights (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order (not
     differentiable: `adapted_stack` is the training form).
     """
-    if frame.ndim == 3:
-        per_block = _by_expert(transform.to(frame.dtype), frame.shape[0])
-        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
-        return _stack_blocks(frame, lambda j: per_block[:, j], out)
-    rows, cols = frame.shape
+    if blocked.ndim == 3:
+        per_block = _by_expert(transform.to(blocked.dtype), blocked.shape[0])
+        out = torch.empty(blocked.shape, dtype=blocked.dtype, device=blocked.device)
+        return _stack_blocks(blocked, lambda j: per_block[:, j], out)
+    rows, cols = blocked.shape
     n, b, _ = transform.shape
-    out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
+    out = torch.bmm(blocked.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
     return out.transpose(0, 1).reshape(rows, cols)
 
 
 def _stack_blocks(
-    frame: torch.Tensor, transform: Callable[[int], torch.Tensor], out: torch.Tensor, transpose: bool = False
+    blocked: torch.Tensor, transform: Callable[[int], torch.Tensor], out: torch.Tensor, transpose: bool = False
 ) -> torch.Tensor:
-    """``out[e][:, j] = frame[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack of frames (E, rows, n·b); returns ``out``.
+    """``out[e][:, j] = blocked[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack (E, rows, n·b); returns ``out``.
 
     ``transform(j)`` gives block column j's transforms of every expert, (E, b, b). One ``bmm`` per block column,
-    batched over the stack, reads and writes strided views as `_block_matmul` does: no copy of the frame, whatever
-    its layout (a transposed gpt-oss stack included).
+    batched over the stack, reads and writes strided views as `_block_matmul` does: no copy of the blocked
+    weight, whatever its layout (a transposed gpt-oss stack included).
     """
     first = transform(0)
     b = first.shape[-1]
-    for j in range(frame.shape[-1] // b):
+    for j in range(blocked.shape[-1] // b):
         m = transform(j) if j else first
-        torch.bmm(frame[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
+        torch.bmm(blocked[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
     return out
 
 
@@ -159,47 +161,48 @@ def _by_expert(tensor: torch.Tensor, stack: int) -> torch.Tensor:
 
 
 class _FuraStack(torch.autograd.Function):
-    """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
+    """``A0 · blockdiag(M)`` for a stack of blocked weights (a Mixture-of-Experts parameter), in one node.
 
-    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
-    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
-    The M's and their gradient exist only as transients the size of R, built with one batched product each: per
-    block column they would cost a few dozen small kernel launches more per step on a CPU.
+    ``M = B·diag(σ)·R``. Autograd keeps the blocked weight (the base parameter itself, not a copy) and the small
+    B, σ and R; M is recomputed in backward. So the adapted stack costs the memory of its result only, which the
+    experts' product keeps anyway. The M's and their gradient exist only as transients the size of R, built with
+    one batched product each: per block column they would cost a few dozen small kernel launches more per step on
+    a CPU.
     """
 
     @staticmethod
-    def forward(ctx, frame, basis, sigma, core):
-        per_block = _by_expert(block_transform(basis, core, sigma).to(frame.dtype), frame.shape[0])
-        ctx.save_for_backward(frame, basis, sigma, core)
-        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
-        return _stack_blocks(frame, lambda j: per_block[:, j], out)
+    def forward(ctx, blocked, left_factor, sigma, right):
+        per_block = _by_expert(block_transform(left_factor, right, sigma).to(blocked.dtype), blocked.shape[0])
+        ctx.save_for_backward(blocked, left_factor, sigma, right)
+        out = torch.empty(blocked.shape, dtype=blocked.dtype, device=blocked.device)
+        return _stack_blocks(blocked, lambda j: per_block[:, j], out)
 
     @staticmethod
     def backward(ctx, grad):
-        frame, basis, sigma, core = ctx.saved_tensors
-        stack, b = frame.shape[0], basis.shape[1]
-        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
-        grad = grad.to(frame.dtype)
-        grad_frame = grad_sigma = grad_core = None
-        if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
-            per_block = _by_expert(torch.bmm(scaled, core).to(grad.dtype), stack)
-            grad_frame = _stack_blocks(grad, lambda j: per_block[:, j], torch.empty_like(grad), transpose=True)
+        blocked, left_factor, sigma, right = ctx.saved_tensors
+        stack, b = blocked.shape[0], left_factor.shape[1]
+        scaled = left_factor if sigma is None else left_factor * sigma.unsqueeze(1)  # B·diag(σ)
+        grad = grad.to(blocked.dtype)
+        grad_blocked = grad_sigma = grad_right = None
+        if ctx.needs_input_grad[0]:  # a second adapter's blocked weight is the first one's output
+            per_block = _by_expert(torch.bmm(scaled, right).to(grad.dtype), stack)
+            grad_blocked = _stack_blocks(grad, lambda j: per_block[:, j], torch.empty_like(grad), transpose=True)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
-            grad_m = torch.empty(stack, frame.shape[-1] // b, b, b, dtype=grad.dtype, device=grad.device)
+            grad_m = torch.empty(stack, blocked.shape[-1] // b, b, b, dtype=grad.dtype, device=grad.device)
             for j in range(grad_m.shape[1]):
                 columns = slice(j * b, (j + 1) * b)
-                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
-            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
-            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
-        return grad_frame, None, grad_sigma, grad_core
+                torch.bmm(blocked[..., columns].mT, grad[..., columns], out=grad_m[:, j])
+            grad_m = grad_m.reshape(-1, b, b).to(right.dtype)
+            grad_sigma, grad_right = _factor_grads(grad_m, left_factor, sigma, right, scaled, ctx.needs_input_grad[2:4])
+        return grad_blocked, None, grad_sigma, grad_right
 
 
 def adapted_stack(
-    frame: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor | None, core: torch.Tensor
+    blocked: torch.Tensor, left_factor: torch.Tensor, sigma: torch.Tensor | None, right: torch.Tensor
 ) -> torch.Tensor:
-    """``A0 · blockdiag(M)`` for a stack of frames (E, rows, n·b), differentiable in R and σ (see `_FuraStack`).
+    """``A0 · blockdiag(M)`` for a stack of blocked weights (E, rows, n·b), differentiable in R and σ (`_FuraStack`).
 
-    The transforms come in `block_svd`'s expert-major order (E·n, b, b); the result is in ``frame``'s dtype.
+    The transforms come in `block_svd`'s expert-major order (E·n, b, b); the result is in ``blocked``'s dtype.
     """
-    return _FuraStack.apply(frame, basis, sigma, core)
+    return _FuraStack.apply(blocked, left_factor, sigma, right)

@@ -209,11 +209,11 @@ class BlockGrid:
 
 def grid_of(spec: Any) -> BlockGrid:
     """The `BlockGrid` of a tuner `LayerSpec`: the blocks whose spaces that layout keeps."""
-    from fura.tuner.layer import FRAME_INPUT, FRAME_OUTPUT
+    from fura.tuner.layer import INPUT_ONE_BLOCK, OUTPUT_ONE_BLOCK
 
-    if spec.mode == FRAME_OUTPUT:
+    if spec.mode == OUTPUT_ONE_BLOCK:
         return BlockGrid(1, spec.n_blocks, "column")
-    if spec.mode == FRAME_INPUT:
+    if spec.mode == INPUT_ONE_BLOCK:
         return BlockGrid(spec.n_blocks, 1, "row")
     # Explicit L·S·R: a frozen L keeps column spaces, a frozen R row spaces; with both training neither is kept.
     side: Side = "row" if spec.train_left and not spec.train_right else "column"
@@ -298,7 +298,7 @@ def _grid_for(config: Any, module: str, out_features: int, in_features: int, rea
 def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Iterator[LayerUpdate]]:
     """FuRA: ``W`` rebuilt from the adapter's B, σ, R (or L, S, R) with `fura.blocks`, as the tuner merges it."""
     from fura.tuner.config import FuraConfig
-    from fura.tuner.layer import EXPLICIT, FRAME_OUTPUT
+    from fura.tuner.layer import EXPLICIT, OUTPUT_ONE_BLOCK
     from fura.tuner.model import layer_spec
 
     config, adapter = _read_adapter(source.path, FuraConfig, "FuRA")
@@ -337,7 +337,7 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
                     got = None if basis is None else tuple(basis.shape)
                     raise reader.mismatch(module, f"basis B has shape {got}, the base needs {expected}")
                 transform = blocks.block_transform(basis, core, sigma)
-                if spec.mode == FRAME_OUTPUT:
+                if spec.mode == OUTPUT_ONE_BLOCK:
                     weight = implicit.merge_into(w0, transform)
                 else:
                     weight = implicit.merge_into(w0.T, transform).T

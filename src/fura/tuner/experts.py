@@ -29,7 +29,7 @@ from torch import nn
 
 from fura import implicit
 from fura.errors import UserError
-from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, LayerSpec
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _reads_as(module: nn.Module, name: str, tensor: torch.Tensor):
 class FuraExperts(nn.Module, FuraLayer):
     """A FuRA adapter on one parameter of a module: a 3D stack of expert weights, or a 2D linear weight.
 
-    Each of the stack's matrices (per expert; gate and up apart in a fused gate_up) has its own frozen basis,
+    Each of the stack's matrices (per expert; gate and up apart in a fused gate_up) has its own frozen left factor B,
     trainable core R and singular values S, stored expert-major in one tensor per adapter. Mixed-adapter
     batches are refused: routing gives each row its own experts, so no row-wise split of the weight exists.
     """
@@ -205,7 +205,7 @@ class FuraExperts(nn.Module, FuraLayer):
         for name in adapter_names:  # W0·M_a·M_b, in the order merged_weight composes them
             sigma = self.fura_sigma[name] if name in self.fura_sigma else None
             factors = (self.fura_basis[name], sigma, self.fura_core[name])
-            if self.fura_spec[name].mode == FRAME_OUTPUT:
+            if self.fura_spec[name].mode == OUTPUT_ONE_BLOCK:
                 weight = implicit.adapted_stack(weight, *factors)
             else:
                 weight = implicit.adapted_stack(weight.mT, *factors).mT
@@ -256,7 +256,7 @@ class FuraExperts(nn.Module, FuraLayer):
             if layer.merged or layer.disable_adapters or len(active) > 1:
                 return None
             if active:
-                if layer.fura_spec[active[0]].mode != FRAME_OUTPUT:
+                if layer.fura_spec[active[0]].mode != OUTPUT_ONE_BLOCK:
                     return None
                 adapters[layer.parameter_name] = (layer, active[0])
             layer = layer.base_layer
