@@ -1,4 +1,4 @@
-"""`fura export`: fold a trained adapter into its base model and save a dense model (transformers / vLLM ready).
+"""`fura export`: merge a trained adapter into its base model and save a dense model (transformers / vLLM ready).
 
 Adapters trained over a 4-bit base (QFuRA, QLoRA, QDoRA) are merged into the *dequantized* NF4 base,
 the function they were trained with, in fp32 (see `fura.methods.export_dense`); others merge into the
@@ -15,7 +15,12 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+from rich.console import Console
+
+from fura import loading, methods, outputs
 from fura.errors import UserError
+from fura.recipes.guard import maybe_kill
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +39,6 @@ def export(
     in fp32, a 4-bit one in NF4 with run.json's compute dtype. ``base_4bit`` overrides run.json. With
     ``overwrite``, what ``output_dir`` held is moved aside (to ``DIR.previous-<time>``) once the new model is written.
     """
-    import torch
-
-    from fura import loading, methods, outputs
-    from fura.recipes.guard import maybe_kill
-
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not loading.is_adapter_dir(adapter_dir):
         if (adapter_dir / "config.json").is_file():
@@ -80,8 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     path = export(args.adapter, args.output, args.base_model, args.dtype, args.base_4bit, args.overwrite)
     Console().print(f"[green]merged model saved to {path}[/green]; load it with AutoModelForCausalLM or vLLM")
     return 0

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fura.errors import UserError
 from fura.inspect.sources import BlockGrid, Kind, LayerUpdate, Side, layer_updates, resolve_source
@@ -278,9 +280,6 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
