@@ -6,7 +6,7 @@ and its backward does it again for the input gradient and once more for the weig
 activation shapes of real layers:
 
 * ``strided``: one ``bmm`` over strided views of the activation, reading and writing the blocks
-  in place (what `fura.blocks` runs, on every device);
+  in place (what `fura.implicit` runs, on every device);
 * ``copy``: one ``bmm`` on a contiguous blocks-first copy of the activation (and a copy back);
 * ``loop``: one ``mm`` per block on column slices.
 

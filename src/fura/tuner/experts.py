@@ -6,7 +6,7 @@ In transformers 5 most MoE models keep their experts as one module with 3D param
 gate and up columns. `FuraExperts` reaches them as PEFT's LoRA ``ParamWrapper`` does (``target_parameters``,
 one wrapper per parameter, nested when a module has several), and gives every expert's gate, up and down
 matrix the dense layer's treatment: a block-wise SVD, batched over all experts in one call, and the
-adapted weight ``W0_e · blockdiag(M_e)`` computed by the same `fura.blocks` math as a dense merge.
+adapted weight ``W0_e · blockdiag(M_e)`` computed by the same `fura.implicit` math as a dense merge.
 
 The forward is the dense layer's implicit form on routed tokens (each expert's tokens through ``blockdiag(M_e)``
 before ``W0[e]``, so the frozen expert weights get no gradient) where it applies, and otherwise a parametrization:
