@@ -29,7 +29,7 @@ from torch import nn
 
 from fura import implicit
 from fura.errors import UserError
-from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, LayerSpec
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, LayerSpec, blocked_weight
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +205,8 @@ class FuraExperts(nn.Module, FuraLayer):
         for name in adapter_names:  # W0·M_a·M_b, in the order merged_weight composes them
             sigma = self.fura_sigma[name] if name in self.fura_sigma else None
             factors = (self.fura_basis[name], sigma, self.fura_core[name])
-            if self.fura_spec[name].mode == OUTPUT_ONE_BLOCK:
-                weight = implicit.adapted_stack(weight, *factors)
-            else:
-                weight = implicit.adapted_stack(weight.mT, *factors).mT
+            mode = self.fura_spec[name].mode
+            weight = blocked_weight(implicit.adapted_stack(blocked_weight(weight, mode), *factors), mode)
         return self._to_base_layout(weight).to(param.dtype)
 
     def _check_implementation(self) -> None:

@@ -87,6 +87,11 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
+def blocked_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """The blocked weight A of an implicit ``mode``: ``weight`` (W, or a stack) or its transpose; its own inverse."""
+    return weight if mode == OUTPUT_ONE_BLOCK else weight.mT
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a supported base layer: Linear, quantized Linear or GPT-2 Conv1D."""
     if _is_conv1d(base):
@@ -133,19 +138,14 @@ class FuraLayer(BaseTunerLayer):
         weight = base.weight.data if self.quantization_backend is None else bases.dequantize_weight(base)
         return weight.T if self.is_conv1d else weight
 
-    def _blocked(self, weight: torch.Tensor, mode: str) -> torch.Tensor:
-        return weight if mode == OUTPUT_ONE_BLOCK else weight.mT
-
     def _to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """An (out × in) weight as the base layer stores it (transposed in a GPT-2 Conv1D)."""
         return weight.T if self.is_conv1d else weight
 
     @staticmethod
     def apply_transform(weight: torch.Tensor, mode: str, transform: torch.Tensor) -> torch.Tensor:
-        """``weight`` (out × in, or a stack of them) with one implicit adapter's ``blockdiag(M)`` on its split side."""
-        if mode == OUTPUT_ONE_BLOCK:
-            return implicit.merge_into(weight, transform)
-        return implicit.merge_into(weight.mT, transform).mT
+        """``weight`` (out × in, or a stack) with one implicit adapter's ``blockdiag(M)`` on its blocked side."""
+        return blocked_weight(implicit.merge_into(blocked_weight(weight, mode), transform), mode)
 
     def update_layer(
         self,
@@ -166,7 +166,7 @@ class FuraLayer(BaseTunerLayer):
             self._update_explicit(adapter_name, spec, init_weights, factorization_dtype, inference_mode, empty)
             return
         weight = self.dense_weight()
-        blocked = self._blocked(weight, spec.mode)
+        blocked = blocked_weight(weight, spec.mode)
         if blocked.shape[-1] != spec.n_blocks * spec.block_size:
             dim = blocked.shape[-1]
             raise ValueError(f"block shape {spec.n_blocks}×{spec.block_size} does not cover dimension {dim}")
@@ -180,7 +180,7 @@ class FuraLayer(BaseTunerLayer):
         else:
             # One fp32 copy of a half-precision weight serves the factorization and the fingerprint.
             source = blocks.float_weight(weight)
-            blocked = self._blocked(source, spec.mode)
+            blocked = blocked_weight(source, spec.mode)
             fac = blocks.factorize(blocked, spec.n_blocks, spec.rank, spec.s_side, dtype=factorization_dtype)
         # Contiguous, so that a reloaded adapter (contiguous from the file) computes bit for bit the same.
         right, sigma = fac.right.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
