@@ -6,7 +6,7 @@ and its backward does it again for the input gradient and once more for the weig
 activation shapes of real layers:
 
 * ``strided``: one ``bmm`` over strided views of the activation, reading and writing the blocks
-  in place (what `fura.blocks` runs, on every device);
+  in place (what `fura.implicit` runs, on every device);
 * ``copy``: one ``bmm`` on a contiguous blocks-first copy of the activation (and a copy back);
 * ``loop``: one ``mm`` per block on column slices.
 
@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fura.blocks import _block_gram, _block_matmul
+from fura.implicit import _block_gram, _block_matmul
 
 # model_bench.py's CPU model (hidden 1024, intermediate 3584, 512 tokens) and Llama-3-8B's (1024 tokens).
 DEFAULT_SHAPES = "512x32x32,512x16x64,512x56x64,1024x64x64,1024x112x128"

@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fura import architectures, blocks, methods, quant
-from fura.tuner.layer import FRAME_OUTPUT, base_features
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, base_features
 from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger("quant_error")
@@ -57,7 +57,7 @@ def nf4_roundtrip(tensor: torch.Tensor) -> torch.Tensor:
 
 def paper_weight(weight: torch.Tensor, n_blocks: int, rank: int, mode: str, fold_s: bool) -> torch.Tensor:
     """``Σ_j Q(L_j)·diag(s_j)·V_jᵀ`` (or ``Q(L_j·diag(s_j))·V_jᵀ``) for the explicit layout with an NF4 large core."""
-    frame = weight.double() if mode == FRAME_OUTPUT else weight.double().T
+    frame = weight.double() if mode == OUTPUT_ONE_BLOCK else weight.double().T
     rows, cols = frame.shape
     b = cols // n_blocks
     v, s = blocks.block_svd(frame, n_blocks, rank)  # (n, b, r), (n, r)
@@ -69,7 +69,7 @@ def paper_weight(weight: torch.Tensor, n_blocks: int, rank: int, mode: str, fold
     if not fold_s:
         quantized = quantized * s.unsqueeze(1)
     rebuilt = torch.bmm(quantized, v.transpose(1, 2)).transpose(0, 1).reshape(rows, cols)
-    rebuilt = rebuilt if mode == FRAME_OUTPUT else rebuilt.T
+    rebuilt = rebuilt if mode == OUTPUT_ONE_BLOCK else rebuilt.T
     return rebuilt.float()
 
 

@@ -12,7 +12,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from conftest import tiny_llama
-from fura import FuraConfig, FuraLayer, blocks, methods, quant
+from fura import FuraConfig, FuraLayer, implicit, methods, quant
 
 pytestmark = pytest.mark.cuda
 
@@ -61,7 +61,7 @@ def test_strided_block_kernel_under_cublas(tokens, n, b, transpose):
     grad_y = torch.randn(tokens, n * b)
     on_gpu = [t.to(CUDA).requires_grad_(i != 1) for i, t in enumerate(tensors)]
     exact = [t.double().requires_grad_(i != 1) for i, t in enumerate(tensors)]
-    y = blocks.apply_fura_transform(*on_gpu, transpose=transpose)
+    y = implicit.apply_fura_transform(*on_gpu, transpose=transpose)
     expected = reference_transform(*exact, transpose=transpose)
     y.backward(grad_y.to(CUDA))
     expected.backward(grad_y.double())

@@ -20,7 +20,7 @@ import fura.blocks
 from conftest import DECODER_TARGETS, tiny_gpt2, tiny_llama
 from fura import FuraConfig, FuraLayer, FuraLinear, count_trainable_parameters, layer_spec
 from fura.functional import configure_blocktt_trainability, convert_linear_to_btt
-from fura.tuner.layer import EXPLICIT, FRAME_INPUT
+from fura.tuner.layer import EXPLICIT, INPUT_ONE_BLOCK
 from paper_oracle import ExplicitBTT
 from test_equivalence import One, _fura_weight, _sgd_step
 
@@ -106,11 +106,11 @@ def test_both_trains_both_cores_as_the_paper_layout(out_f, in_f, mode, block_sha
 
 
 def _explicit_twin(spec, out_f: int, in_f: int):
-    """The explicit-layout spec of an implicit one: same grid, cores, rank and S (fold names are frame-relative)."""
-    if spec.mode == FRAME_INPUT:  # the frame's core is L here, R in the explicit layout
-        fold = {"core": "basis", "basis": "core"}.get(spec.fold, spec.fold)
+    """The explicit-layout spec of an implicit one: same grid, cores, rank and S (s_side is blocked-relative)."""
+    if spec.mode == INPUT_ONE_BLOCK:  # the blocked weight's R is W's L here, R in the explicit layout
+        s_side = {"right": "left", "left": "right"}.get(spec.s_side, spec.s_side)
         grid = {"m_blocks": spec.n_blocks, "out_block_size": spec.block_size, "n_blocks": 1, "block_size": in_f}
-        return dataclasses.replace(spec, mode=EXPLICIT, fold=fold, **grid)
+        return dataclasses.replace(spec, mode=EXPLICIT, s_side=s_side, **grid)
     return dataclasses.replace(spec, mode=EXPLICIT, m_blocks=1, out_block_size=out_f)
 
 

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.func import functional_call
 
-from fura import FuraConfig, FuraLayer, blocks
+from fura import FuraConfig, FuraLayer, blocks, implicit
 from fura.errors import UserError
 from fura.functional import count_trainable_parameters
 from fura.tuner.checks import AdapterLoadError, NonFiniteAdapterError
@@ -378,19 +378,21 @@ def test_sft_trainer_trains_a_tiny_qwen3_moe(tmp_path):
 
 
 def test_adapted_stack_gradients_are_exact():
-    """The expert stack's autograd node against finite differences, the frame's gradient included (two adapters)."""
+    """The expert stack's autograd node against finite differences, the stack's gradient included (two adapters)."""
     torch.manual_seed(0)
     stack, rows, n, b = 3, 5, 2, 4
-    frame = torch.randn(stack, rows, n * b, dtype=torch.float64)
-    fac = blocks.factorize(frame, n, b, "keep")
-    core = (fac.core + 0.1 * torch.randn_like(fac.core)).requires_grad_()
+    blocked = torch.randn(stack, rows, n * b, dtype=torch.float64)
+    fac = blocks.factorize(blocked, n, b, "keep")
+    right = (fac.right + 0.1 * torch.randn_like(fac.right)).requires_grad_()
     sigma = (fac.sigma * 1.1).requires_grad_()
-    frame.requires_grad_()
-    assert torch.autograd.gradcheck(blocks.adapted_stack, (frame, fac.basis, sigma, core))
-    assert fac.basis.shape == (stack * n, b, b)
+    blocked.requires_grad_()
+    assert torch.autograd.gradcheck(implicit.adapted_stack, (blocked, fac.left_factor, sigma, right))
+    assert fac.left_factor.shape == (stack * n, b, b)
     with torch.no_grad():
-        merged = blocks.merge_into(frame, blocks.block_transform(fac.basis, core, sigma))
-    torch.testing.assert_close(blocks.adapted_stack(frame, fac.basis, sigma, core), merged, rtol=0, atol=1e-12)
+        merged = implicit.merge_into(blocked, blocks.block_transform(fac.left_factor, right, sigma))
+    torch.testing.assert_close(
+        implicit.adapted_stack(blocked, fac.left_factor, sigma, right), merged, rtol=0, atol=1e-12
+    )
 
 
 def test_low_cpu_mem_usage_load_is_exact(trained, tmp_path):

@@ -1,25 +1,26 @@
-"""The block math of FuRA: block shapes, ranks, the block-wise SVD, and the implicit transform.
+"""The block math of FuRA: block shapes, ranks, the block-wise SVD, the explicit layout and fingerprints.
 
-Everything here is pure tensor math, with no module surgery. Each layer uses a *frame*. In
-`output_one_block` mode the frame is the weight ``A = W`` (out × in), with its input dimension cut
-into ``n`` column blocks of size ``b``. In `input_one_block` mode it is the transpose ``A = Wᵀ``, so
-the output dimension is the one cut into blocks. Within the frame, block ``j`` factorizes as
-``A_j = U_j diag(s_j) V_jᵀ``. The trainable small core ``R_j`` (r × b) starts at ``V_jᵀ`` and the
-singular values ``σ_j`` start at ``s_j``. The adapted matrix is
+Everything here is pure tensor math, with no module surgery; `fura.implicit` computes with what it builds.
+Words are the paper's (docs/design.md#glossary). Each layer cuts one side of W into blocks, and the math
+is written on the *blocked weight* ``A``, the weight turned so that its columns are that side: ``A = W``
+(out × in) in `output_one_block` mode, whose input dimension is cut into ``n`` blocks of size ``b``, and
+``A = Wᵀ`` in `input_one_block` mode, whose output dimension is. In A, block ``j`` factorizes as
+``A_j = U_j diag(s_j) V_jᵀ`` and ``A = L·S·R`` with ``L = [U_1 … U_n]``, ``S = diag(s)`` and
+``R = blockdiag(V_jᵀ)``. The trainable small core ``R_j`` (r × b) starts at ``V_jᵀ`` and the singular values
+``σ_j`` start at ``s_j``. The adapted matrix is
 
     A(R, σ) = A0 · blockdiag_j(M_j),        M_j = B_j · diag(σ_j) · R_j        (b × b)
 
-where the frozen ``B_j = V_j · diag(1 / s_j)`` replaces ``U_j = A0_j B_j``, so the large core ``L``
-is never materialised. The implementation note (docs/design.md#the-implicit-form) derives this form. The explicit
-layout (`factorize_explicit`, `explicit_weight`) stores ``L_k = A0_k B_k`` over an m × n grid of W,
-built by the same `factorize`, for what this form cannot express.
+where the frozen *left factor* ``B_j = V_j · diag(1 / s_j)`` stands for L (``U_j = A0_j B_j``), so the
+large core L is never materialised. The implementation note (docs/design.md#the-implicit-form) derives this
+form. The explicit layout (`factorize_explicit`, `explicit_weight`) stores ``L_k = A0_k B_k`` over an
+m × n grid of W, built by the same `factorize`, for what this form cannot express.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -30,9 +31,9 @@ logger = logging.getLogger(__name__)
 
 RankSpec = Literal["full"] | int | float
 
-# s_merged_to values that keep S as a separate vector, and those that fold it into a core at init.
+# s_merged_to values that keep S as a separate vector, and those that merge it into a core at init.
 KEEP_MODES = ("keep_trainable", "keep_frozen")
-FOLD_MODES = ("trainable", "frozen", "input", "output", "split")
+MERGE_MODES = ("trainable", "frozen", "input", "output", "split")
 
 
 def closest_factor_pair(d: int) -> tuple[int, int]:
@@ -50,7 +51,7 @@ def closest_factor_pair(d: int) -> tuple[int, int]:
 
 
 def resolve_rank(rank: RankSpec, rows: int, n_blocks: int, block: int) -> int:
-    """Rank of each block of a frame with ``rows`` rows and ``n_blocks`` column blocks of width ``block``.
+    """Rank of each block of a blocked weight with ``rows`` rows and ``n_blocks`` column blocks of width ``block``.
 
     ``"full"`` gives ``min(rows, block)``, which is lossless. An int is capped at full rank. A float
     ρ in (0, 1) is a parameter budget: ``r ≈ ρ·rows·(n·block) / (n·(rows + block))``, so both cores
@@ -80,15 +81,15 @@ def resolve_rank(rank: RankSpec, rows: int, n_blocks: int, block: int) -> int:
 
 @dataclass(frozen=True)
 class Factorization:
-    """The frozen and initial trainable tensors of one frame.
+    """The frozen and initial trainable tensors of one blocked weight.
 
-    ``basis`` is the frozen ``B = V·diag(scale)`` (n, b, r). ``core`` is the initial trainable
-    small core (n, r, b). ``sigma`` is the initial singular-value vector (n, r), or None when S was
-    folded into a core.
+    ``left_factor`` is the frozen ``B = V·diag(scale)`` (n, b, r), which stands for L. ``right`` is the initial
+    trainable small core R (n, r, b). ``sigma`` is the initial singular-value vector (n, r), or None when S
+    was merged into a core.
     """
 
-    basis: torch.Tensor
-    core: torch.Tensor
+    left_factor: torch.Tensor
+    right: torch.Tensor
     sigma: torch.Tensor | None
 
 
@@ -108,41 +109,41 @@ FP32_TOLERANCE = 1e-4
 _EPS32 = torch.finfo(torch.float32).eps
 
 
-def _resolve_precision(dtype: Precision | torch.dtype, frame: torch.Tensor) -> str:
+def _resolve_precision(dtype: Precision | torch.dtype, blocked: torch.Tensor) -> str:
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     if dtype not in PRECISIONS:
         raise ValueError(f"factorization precision must be one of {PRECISIONS}, got {dtype!r}")
-    if dtype == "auto" and frame.dtype == torch.float64:
+    if dtype == "auto" and blocked.dtype == torch.float64:
         return "float64"  # an fp64 base keeps an fp64 adapter: factorize at its precision
     return dtype
 
 
 def _gram_matrices(
-    frame: torch.Tensor, n_blocks: int, dtype: torch.dtype, index: torch.Tensor | None = None
+    blocked: torch.Tensor, n_blocks: int, dtype: torch.dtype, index: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``A_jᵀA_j`` (k, b, b) for the column blocks ``index`` of ``frame`` (all when None), accumulated in ``dtype``.
+    """``A_jᵀA_j`` (k, b, b) for the column blocks ``index`` of ``blocked`` (all when None), accumulated in ``dtype``.
 
-    One batched product over strided views, without copying the frame when it is already in ``dtype``.
-    Otherwise it casts chunks of about 16M elements, so the extra memory stays small. A stack of frames
+    One batched product over strided views, without copying the blocked weight when it is already in ``dtype``.
+    Otherwise it casts chunks of about 16M elements, so the extra memory stays small. A stack of blocked weights
     (E, rows, cols), such as the experts of a Mixture-of-Experts layer, gives the E·n blocks expert-major.
     """
-    stack = frame.shape[0] if frame.ndim == 3 else 1
-    rows, cols = frame.shape[-2:]
+    stack = blocked.shape[0] if blocked.ndim == 3 else 1
+    rows, cols = blocked.shape[-2:]
     block = cols // n_blocks
     count = stack * n_blocks if index is None else len(index)
-    gram = torch.zeros(count, block, block, dtype=dtype, device=frame.device)
-    needs_copy = frame.dtype != dtype or index is not None or frame.ndim == 3
+    gram = torch.zeros(count, block, block, dtype=dtype, device=blocked.device)
+    needs_copy = blocked.dtype != dtype or index is not None or blocked.ndim == 3
     chunk = max(1, (1 << 24) // max(stack * n_blocks * block, 1)) if needs_copy else rows
     # Full fp32 products: TF32 (or bf16 on CPU) under a lower matmul precision would void the check in block_svd.
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         for start in range(0, rows, chunk):
-            if frame.ndim == 3:  # (E, t, n·b) → (t, E·n, b): one copy of the chunk, the blocks expert-major
-                part = frame[:, start : start + chunk].transpose(0, 1).reshape(-1, stack * n_blocks, block)
+            if blocked.ndim == 3:  # (E, t, n·b) → (t, E·n, b): one copy of the chunk, the blocks expert-major
+                part = blocked[:, start : start + chunk].transpose(0, 1).reshape(-1, stack * n_blocks, block)
             else:
-                part = frame[start : start + chunk].reshape(-1, n_blocks, block)
+                part = blocked[start : start + chunk].reshape(-1, n_blocks, block)
             if index is not None:
                 part = part[:, index]
             part = part.to(dtype).transpose(0, 1)  # (k, t, b)
@@ -192,12 +193,12 @@ def float_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def block_svd(
-    frame: torch.Tensor, n_blocks: int, rank: int, dtype: Precision | torch.dtype = "auto"
+    blocked: torch.Tensor, n_blocks: int, rank: int, dtype: Precision | torch.dtype = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right singular vectors and singular values of each column block of ``frame``, largest first.
+    """Right singular vectors and singular values of each column block of ``blocked``, largest first.
 
     Returns ``V`` (n, b, r) and ``s`` (n, r), in fp64 when any block was computed in fp64, else fp32. A stack
-    of frames (E, rows, cols) is factorized in the same single batched call, giving (E·n, b, r) and (E·n, r).
+    of blocked weights (E, rows, cols) is factorized in the same single batched call, giving (E·n, b, r) and (E·n, r).
     It works through each block's Gram matrix ``A_jᵀA_j`` (b × b) and its symmetric
     eigendecomposition. That never allocates a W-sized ``U`` and costs one pass over the weight. Only
     ``V`` and ``s`` matter here: the implicit form rebuilds ``U = A V / s`` exactly.
@@ -206,15 +207,15 @@ def block_svd(
     checked: a block whose eigenvalue spread exceeds what fp32 resolves (`FP32_TOLERANCE`) is redone
     in fp64 from the original weight. fp32 is 2–10× faster, since batched fp64 products are slower.
     """
-    cols = frame.shape[-1]
+    cols = blocked.shape[-1]
     block = cols // n_blocks
     if n_blocks * block != cols:
         raise ValueError(f"{cols} columns do not split into {n_blocks} blocks")
-    precision = _resolve_precision(dtype, frame)
+    precision = _resolve_precision(dtype, blocked)
     if precision == "float64":
-        eigvals, vectors = _sorted_eigh(_gram_matrices(frame, n_blocks, torch.float64), rank)
+        eigvals, vectors = _sorted_eigh(_gram_matrices(blocked, n_blocks, torch.float64), rank)
         return vectors, eigvals.clamp_min(0).sqrt()
-    eigvals, vectors = _sorted_eigh(_gram_matrices(frame, n_blocks, torch.float32), rank)
+    eigvals, vectors = _sorted_eigh(_gram_matrices(blocked, n_blocks, torch.float32), rank)
     if precision == "auto":
         # Ill-conditioned where fp32 rounding (≈ eps32·λ_1) is a large part of the smallest kept λ.
         unresolved = eigvals[:, -1] * FP32_TOLERANCE < _EPS32 * eigvals[:, 0]
@@ -223,31 +224,31 @@ def block_svd(
             logger.debug(
                 "%d of %d blocks are ill-conditioned for fp32; factorizing them in fp64", len(index), len(eigvals)
             )
-            exact_vals, exact_vecs = _sorted_eigh(_gram_matrices(frame, n_blocks, torch.float64, index), rank)
+            exact_vals, exact_vecs = _sorted_eigh(_gram_matrices(blocked, n_blocks, torch.float64, index), rank)
             eigvals, vectors = eigvals.double(), vectors.double()
             eigvals[index], vectors[index] = exact_vals, exact_vecs
     return vectors, eigvals.clamp_min(0).sqrt()
 
 
 def factorize(
-    frame: torch.Tensor,
+    blocked: torch.Tensor,
     n_blocks: int,
     rank: int,
-    fold: Literal["keep", "core", "basis", "split"],
+    s_side: Literal["keep", "right", "left", "split"],
     dtype: Precision | torch.dtype = "auto",
     rel_tol: float = 1e-6,
 ) -> Factorization:
-    """Factorize ``frame`` into its implicit FuRA tensors.
+    """Factorize ``blocked`` into its implicit FuRA tensors.
 
-    ``fold`` says where S lives. ``"keep"`` keeps it as its own vector. ``"core"`` folds it into the
-    trainable core (R ← S·Vᵀ). ``"basis"`` folds it into the frozen large core (L ← U·S). ``"split"``
-    puts √S on each side. Singular values below ``rel_tol`` times the largest of the whole frame
-    (and below 1e-12) are clamped there, so that ``U = A V / s`` stays finite even for a zero block.
+    ``s_side`` says where S lives. ``"keep"`` keeps it as its own vector. ``"right"`` merges it into the
+    trainable core (R ← S·Vᵀ). ``"left"`` merges it into the frozen large core (L ← U·S, through B).
+    ``"split"`` puts √S on each side. Singular values below ``rel_tol`` times the largest of the whole
+    blocked weight (and below 1e-12) are clamped there, so that ``U = A V / s`` stays finite even for a zero block.
     That is still lossless at init, because ``M = B diag(σ) R`` is then ``V Vᵀ``. The clamped
     directions lie outside the range of ``A0``, so no update can reach them: a zero block stays
     zero, and a warning says so.
     """
-    v, s = block_svd(frame, n_blocks, rank, dtype)
+    v, s = block_svd(blocked, n_blocks, rank, dtype)
     floor = (s.max() * rel_tol).clamp_min(1e-12)
     clamped = int((s < floor).sum())
     if clamped:
@@ -256,224 +257,36 @@ def factorize(
             "(the implicit form only moves within the range of the pretrained blocks; a zero block stays zero)",
             clamped,
             s.numel(),
-            *frame.shape[-2:],
+            *blocked.shape[-2:],
         )
     s = s.clamp_min(floor)
-    # Each row pairs the scale on the frozen basis with the one on the trainable core.
-    basis_scale, core_scale = {
+    # Each row pairs the scale on the frozen left factor B with the one on the trainable core R.
+    left_scale, right_scale = {
         "keep": (1.0 / s, torch.ones_like(s)),
-        "core": (1.0 / s, s),
-        "basis": (torch.ones_like(s), torch.ones_like(s)),
+        "right": (1.0 / s, s),
+        "left": (torch.ones_like(s), torch.ones_like(s)),
         "split": (s.rsqrt(), s.sqrt()),
-    }[fold]
-    basis = v * basis_scale.unsqueeze(1)
-    core = v.transpose(1, 2) * core_scale.unsqueeze(2)
-    return Factorization(basis=basis, core=core, sigma=s.clone() if fold == "keep" else None)
+    }[s_side]
+    left_factor = v * left_scale.unsqueeze(1)
+    right = v.transpose(1, 2) * right_scale.unsqueeze(2)
+    return Factorization(left_factor=left_factor, right=right, sigma=s.clone() if s_side == "keep" else None)
 
 
-def block_transform(basis: torch.Tensor, core: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
-    """``M_j = B_j · diag(σ_j) · R_j`` for every block: (n, b, r) × (n, r) × (n, r, b) → (n, b, b).
+def block_transform(left: torch.Tensor, right: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """``left_j · diag(σ_j) · right_j`` for every block.
 
-    The explicit layout uses it for its blocks ``L_k diag(S_k) R_k``: (k, a, r) × (k, r) × (k, r, b) → (k, a, b).
+    In the implicit form ``left`` is the left factor B and this is ``M_j = B_j · diag(σ_j) · R_j``:
+    (n, b, r) × (n, r) × (n, r, b) → (n, b, b). The explicit layout uses it for its blocks
+    ``L_k diag(S_k) R_k``: (k, a, r) × (k, r) × (k, r, b) → (k, a, b).
     """
     if sigma is not None:
-        basis = basis * sigma.unsqueeze(1)
-    return torch.bmm(basis, core)
-
-
-def _blocks_first(x: torch.Tensor, n: int, b: int) -> torch.Tensor:
-    """(T, n·b) → (n, T, b): a strided view, no copy. BLAS takes the row stride n·b as its leading dimension."""
-    return x.reshape(-1, n, b).transpose(0, 1)
-
-
-def _block_matmul(x: torch.Tensor, weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """(T, n·b) → (T, n·b): block j of the result is ``x_j · W_j``, or ``x_j · W_jᵀ`` with ``transpose``.
-
-    One ``bmm`` reads the blocks of ``x`` and writes the blocks of the result in place, through
-    strided views. It makes no layout copy of the activation (on a CPU such a copy cost more than
-    the product) and no launch per block (a loop of ``mm`` paid one each);
-    ``benchmarks/kernel_bench.py`` measures the three.
-    """
-    n, b, _ = weight.shape
-    weight = weight.transpose(1, 2) if transpose else weight
-    if torch.compiler.is_compiling():  # the compiler picks its own layouts, and a strided out= breaks its graph
-        return torch.bmm(_blocks_first(x, n, b), weight).transpose(0, 1).reshape(x.shape)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    torch.bmm(_blocks_first(x, n, b), weight, out=_blocks_first(out, n, b))
-    return out
-
-
-def _block_gram(x: torch.Tensor, grad: torch.Tensor, n: int, b: int) -> torch.Tensor:
-    """(n, b, b) with block j equal to ``x_jᵀ · grad_j``, the gradient of ``x_j · W_j`` with respect to W_j."""
-    return torch.bmm(_blocks_first(x, n, b).transpose(1, 2), _blocks_first(grad, n, b))
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul on ``x`` in: its lower precision when enabled, else ``x``'s own."""
-    kind = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return x.dtype
-
-
-class _FuraTransform(torch.autograd.Function):
-    """``y = x · blockdiag(M)ᵀ`` (or ``x · blockdiag(M)``) with ``M = B·diag(σ)·R``, in one autograd node.
-
-    Autograd keeps only tensors that exist anyway: the input and the small B, σ and R. M itself is
-    recomputed in backward (n·b³ flops), so no activation-sized or M-sized tensor is saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x, basis, sigma, core, transpose: bool):
-        transform = block_transform(basis, core, sigma)
-        # Autocast does not cast a product written through out=, so cast here as it would.
-        flat = x.reshape(-1, x.shape[-1]).to(_autocast_dtype(x))
-        # y_j = M_j x_j as rows: x_j · M_jᵀ; with transpose, y_j = M_jᵀ x_j, i.e. x_j · M_j.
-        y = _block_matmul(flat, transform.to(flat.dtype), transpose=not transpose)
-        ctx.save_for_backward(x, basis, sigma, core)
-        ctx.transpose = transpose
-        ctx.compute_dtype = y.dtype  # bf16 under autocast: backward computes in the forward's precision
-        return y.reshape(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, basis, sigma, core = ctx.saved_tensors
-        n, b, _ = basis.shape
-        dtype = ctx.compute_dtype
-        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
-        grad = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        grad_x = grad_basis = grad_sigma = grad_core = None
-        if ctx.needs_input_grad[0]:
-            transform = torch.bmm(scaled, core).to(dtype)  # M, recomputed rather than saved
-            grad_x = _block_matmul(grad, transform, transpose=ctx.transpose).reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # y_j = x_j · W_j with W_j = M_jᵀ (or M_j with transpose): dL/dW_j = x_jᵀ g_j.
-            grad_w = _block_gram(x.reshape(-1, x.shape[-1]).to(dtype), grad, n, b).to(core.dtype)
-            grad_m = grad_w if ctx.transpose else grad_w.transpose(1, 2)
-            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
-        return grad_x, grad_basis, grad_sigma, grad_core, None
-
-
-def _factor_grads(
-    grad_m: torch.Tensor,
-    basis: torch.Tensor,
-    sigma: torch.Tensor | None,
-    core: torch.Tensor,
-    scaled: torch.Tensor,
-    needed: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of σ and R from the gradient of ``M = B·diag(σ)·R`` (``scaled`` is ``B·diag(σ)``), where needed."""
-    grad_sigma = grad_core = None
-    if needed[1]:
-        grad_core = torch.bmm(scaled.transpose(1, 2), grad_m)
-    if sigma is not None and needed[0]:
-        grad_sigma = (torch.bmm(grad_m, core.transpose(1, 2)) * basis).sum(dim=1)
-    return grad_sigma, grad_core
-
-
-def apply_fura_transform(
-    x: torch.Tensor,
-    basis: torch.Tensor,
-    sigma: torch.Tensor | None,
-    core: torch.Tensor,
-    transpose: bool = False,
-) -> torch.Tensor:
-    """Apply ``blockdiag(M)``, ``M = B·diag(σ)·R``, to the last dimension of ``x``: ``y_j = M_j x_j`` (or ``M_jᵀ x_j``).
-
-    This is the FuRA forward on the side that carries the blocks. It is differentiable in R and σ,
-    and autograd keeps no copy of the activation (see `_FuraTransform`).
-    """
-    return _FuraTransform.apply(x, basis, sigma, core, transpose)
-
-
-def merge_into(frame: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """``A0 · blockdiag(M)``: the merged frame, ``A[:, j] = A0[:, j] · M_j``.
-
-    A stack of frames (E, rows, cols) takes the E·n transforms of `block_svd`'s expert-major order (not
-    differentiable: `adapted_stack` is the training form).
-    """
-    if frame.ndim == 3:
-        per_block = _by_expert(transform.to(frame.dtype), frame.shape[0])
-        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
-        return _stack_blocks(frame, lambda j: per_block[:, j], out)
-    rows, cols = frame.shape
-    n, b, _ = transform.shape
-    out = torch.bmm(frame.reshape(rows, n, b).transpose(0, 1), transform)  # (n, rows, b)
-    return out.transpose(0, 1).reshape(rows, cols)
-
-
-def _stack_blocks(
-    frame: torch.Tensor, transform: Callable[[int], torch.Tensor], out: torch.Tensor, transpose: bool = False
-) -> torch.Tensor:
-    """``out[e][:, j] = frame[e][:, j] · M_ej`` (or ``M_ejᵀ``) for a stack of frames (E, rows, n·b); returns ``out``.
-
-    ``transform(j)`` gives block column j's transforms of every expert, (E, b, b). One ``bmm`` per block column,
-    batched over the stack, reads and writes strided views as `_block_matmul` does: no copy of the frame, whatever
-    its layout (a transposed gpt-oss stack included).
-    """
-    first = transform(0)
-    b = first.shape[-1]
-    for j in range(frame.shape[-1] // b):
-        m = transform(j) if j else first
-        torch.bmm(frame[..., j * b : (j + 1) * b], m.mT if transpose else m, out=out[..., j * b : (j + 1) * b])
-    return out
-
-
-def _by_expert(tensor: torch.Tensor, stack: int) -> torch.Tensor:
-    """(E·n, …) in `block_svd`'s expert-major order → (E, n, …), a view."""
-    return tensor.reshape(stack, -1, *tensor.shape[1:])
-
-
-class _FuraStack(torch.autograd.Function):
-    """``A0 · blockdiag(M)`` for a stack of frames (a Mixture-of-Experts parameter), ``M = B·diag(σ)·R``, in one node.
-
-    Autograd keeps the frame (the base parameter itself, not a copy) and the small B, σ and R; M is recomputed in
-    backward. So the adapted stack costs the memory of its result only, which the experts' product keeps anyway.
-    The M's and their gradient exist only as transients the size of R, built with one batched product each: per
-    block column they would cost a few dozen small kernel launches more per step on a CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, frame, basis, sigma, core):
-        per_block = _by_expert(block_transform(basis, core, sigma).to(frame.dtype), frame.shape[0])
-        ctx.save_for_backward(frame, basis, sigma, core)
-        out = torch.empty(frame.shape, dtype=frame.dtype, device=frame.device)
-        return _stack_blocks(frame, lambda j: per_block[:, j], out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        frame, basis, sigma, core = ctx.saved_tensors
-        stack, b = frame.shape[0], basis.shape[1]
-        scaled = basis if sigma is None else basis * sigma.unsqueeze(1)  # B·diag(σ)
-        grad = grad.to(frame.dtype)
-        grad_frame = grad_sigma = grad_core = None
-        if ctx.needs_input_grad[0]:  # a second adapter's frame is the first one's output
-            per_block = _by_expert(torch.bmm(scaled, core).to(grad.dtype), stack)
-            grad_frame = _stack_blocks(grad, lambda j: per_block[:, j], torch.empty_like(grad), transpose=True)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            # out_j = A0_j · M_j, so dL/dM_j = A0_jᵀ · G_j: one bmm per block column, batched over the stack.
-            grad_m = torch.empty(stack, frame.shape[-1] // b, b, b, dtype=grad.dtype, device=grad.device)
-            for j in range(grad_m.shape[1]):
-                columns = slice(j * b, (j + 1) * b)
-                torch.bmm(frame[..., columns].mT, grad[..., columns], out=grad_m[:, j])
-            grad_m = grad_m.reshape(-1, b, b).to(core.dtype)
-            grad_sigma, grad_core = _factor_grads(grad_m, basis, sigma, core, scaled, ctx.needs_input_grad[2:4])
-        return grad_frame, None, grad_sigma, grad_core
-
-
-def adapted_stack(
-    frame: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor | None, core: torch.Tensor
-) -> torch.Tensor:
-    """``A0 · blockdiag(M)`` for a stack of frames (E, rows, n·b), differentiable in R and σ (see `_FuraStack`).
-
-    The transforms come in `block_svd`'s expert-major order (E·n, b, b); the result is in ``frame``'s dtype.
-    """
-    return _FuraStack.apply(frame, basis, sigma, core)
+        left = left * sigma.unsqueeze(1)
+    return torch.bmm(left, right)
 
 
 @dataclass(frozen=True)
 class ExplicitFactorization:
-    """The paper's L (m·n, a, r), R (m·n, r, b) and S (m·n, r), or None when S was folded into a core."""
+    """The paper's L (m·n, a, r), R (m·n, r, b) and S (m·n, r), or None when S was merged into a core."""
 
     left: torch.Tensor
     right: torch.Tensor
@@ -485,15 +298,15 @@ def factorize_explicit(
     m_blocks: int,
     n_blocks: int,
     rank: int,
-    fold: Literal["keep", "core", "basis", "split"],
+    s_side: Literal["keep", "right", "left", "split"],
     dtype: Precision | torch.dtype = "auto",
     rel_tol: float = 1e-6,
 ) -> ExplicitFactorization:
     """Factorize ``weight`` over an m × n grid into stored cores ``W_k = L_k diag(S_k) R_k``.
 
     This is `factorize` applied to the grid's blocks laid side by side (a × m·n·b), so the input
-    side R is the core and the output side L is ``A_k B_k`` (that is ``U_k``, with the same fold of
-    S: ``"core"`` puts S into R, ``"basis"`` into L). It is lossless at full rank, as the implicit form.
+    side R is the trainable core and the output side L is ``A_k B_k`` (that is ``U_k``, with S on the same
+    side: ``"right"`` puts S into R, ``"left"`` into L). It is lossless at full rank, as the implicit form.
     """
     rows, cols = weight.shape
     a, b, k = rows // m_blocks, cols // n_blocks, m_blocks * n_blocks
@@ -501,10 +314,10 @@ def factorize_explicit(
         raise ValueError(f"a {rows}×{cols} weight does not split into a {m_blocks}×{n_blocks} grid of blocks")
     # Row strips side by side (one copy of the weight): column block k = i·n + j is block (i, j).
     side_by_side = weight.reshape(m_blocks, a, cols).transpose(0, 1).reshape(a, m_blocks * cols)
-    fac = factorize(side_by_side, k, rank, fold, dtype=dtype, rel_tol=rel_tol)
+    fac = factorize(side_by_side, k, rank, s_side, dtype=dtype, rel_tol=rel_tol)
     tiles = side_by_side.reshape(a, k, b).transpose(0, 1)  # (k, a, b), a view
-    left = torch.bmm(tiles.to(fac.basis.dtype), fac.basis)
-    return ExplicitFactorization(left=left, right=fac.core, sigma=fac.sigma)
+    left = torch.bmm(tiles.to(fac.left_factor.dtype), fac.left_factor)
+    return ExplicitFactorization(left=left, right=fac.right, sigma=fac.sigma)
 
 
 def explicit_weight(left: torch.Tensor, right: torch.Tensor, sigma: torch.Tensor | None, m_blocks: int) -> torch.Tensor:

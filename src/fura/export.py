@@ -1,4 +1,4 @@
-"""`fura export`: fold a trained adapter into its base model and save a dense model (transformers / vLLM ready).
+"""`fura export`: merge a trained adapter into its base model and save a dense model (transformers / vLLM ready).
 
 Adapters trained over a 4-bit base (QFuRA, QLoRA, QDoRA) are merged into the *dequantized* NF4 base,
 the function they were trained with, in fp32 (see `fura.methods.export_dense`); others merge into the

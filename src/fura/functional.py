@@ -12,7 +12,7 @@ from torch import nn
 from fura.architectures import default_targets
 from fura.tuner.config import TRAIN_POSITIONS, FuraConfig
 from fura.tuner.experts import matched_parameters
-from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, base_features
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, base_features
 from fura.tuner.spec import layer_spec, parameter_spec, trained_cores
 
 
@@ -26,9 +26,35 @@ def convert_linear_to_btt(
     adapter_name: str = "default",
     **config_kwargs: Any,
 ) -> nn.Module:
-    """Reparameterize the targeted linear layers of ``model`` in place, as ``W = L·S·R``. Returns ``model``.
+    """Reparameterize the targeted linear layers of ``model`` in place, as ``W = L·S·R`` (the research code's API).
 
-    The layers are the PEFT `FuraLinear` layers, so `get_peft_model_state_dict` and merging work as usual.
+    The layers are the PEFT `FuraLinear` layers, so `get_peft_model_state_dict` and merging work as usual; it is
+    ``inject_adapter_in_model`` with a `FuraConfig` built from the arguments. At full rank the model computes
+    what it computed before. The words are the paper's: see the glossary in docs/design.md.
+
+    Args:
+        model (`torch.nn.Module`): The model to convert. It is changed in place.
+        target_modules (`list[str]` or `str`): Names (or a regex) of the linear layers to convert, as in
+            `FuraConfig`.
+        decomp_mode (`str` or `dict[str, str]`, defaults to `"output_one_block"`): Which side of each weight is
+            cut into blocks: `"output_one_block"` (the input side, the paper's default), `"input_one_block"` or
+            `"square"`; a dict sets it per module group (`qkv`, `o`, `mlp_upgate`, `mlp_down`, `default`).
+        rank (`str`, `int` or `float`, defaults to `"full"`): Rank of each block's SVD: `"full"` (lossless), an
+            int (capped at full rank), or a float in (0, 1), a parameter budget.
+        s_merged_to (`str`, defaults to `"keep_trainable"`): Where S lives: its own vector (`"keep_trainable"`,
+            `"keep_frozen"`) or merged into a core at init (`"trainable"`, `"frozen"`, `"input"`, `"output"`,
+            `"split"`).
+        block_shape (defaults to `"closest"`): The block grid: `"closest"`, `"head"`, `"one"`, an explicit
+            `(n_blocks, block_size)`, or a dict per module group.
+        adapter_name (`str`, defaults to `"default"`): The name of the adapter.
+        **config_kwargs: Any other `FuraConfig` field, such as `train_position`.
+
+    Returns:
+        `torch.nn.Module`: ``model`` itself, with the targeted layers replaced by FuRA layers.
+
+    Raises:
+        fura.errors.UserError: An invalid option (a `ValueError`), named with the module it applies to.
+        peft.utils.NoMatchingPeftModuleError: No module of ``model`` matches ``target_modules`` (a `ValueError`).
     """
     config = FuraConfig(
         target_modules=target_modules,
@@ -42,12 +68,26 @@ def convert_linear_to_btt(
 
 
 def configure_blocktt_trainability(model: nn.Module, train_position: str = "small", train_bias: bool = False) -> int:
-    """Freeze everything except the FuRA cores that train. Returns the number of trainable parameters.
+    """Freeze everything except the FuRA cores that train, as the research code's ``configure_blocktt_trainability``.
 
     ``train_position`` picks the cores by the paper's rule ("small", "large" or "both"; ties go to L),
     and S trains with ``s_merged_to="keep_trainable"``. Explicit-layout layers store L and R, so any
     position can be chosen here. An implicit layer stores only the core it was built to train; a
     position that needs another core is refused, naming the fix: convert with that ``train_position``.
+
+    Args:
+        model (`torch.nn.Module`): A model converted by `convert_linear_to_btt` (or `get_peft_model`). Every
+            parameter's ``requires_grad`` is set in place.
+        train_position (`str`, defaults to `"small"`): Which core trains: `"small"` (the paper's), `"large"` or
+            `"both"`.
+        train_bias (`bool`, defaults to `False`): Also train the bias of every converted layer.
+
+    Returns:
+        `int`: The number of trainable parameters of ``model`` afterwards.
+
+    Raises:
+        ValueError: ``train_position`` is not one of `"small"`, `"large"`, `"both"`, or an implicit layer does not
+            store the core it asks for.
     """
     if train_position not in TRAIN_POSITIONS:
         raise ValueError(f"train_position must be one of {TRAIN_POSITIONS}, got {train_position!r}")
@@ -64,7 +104,7 @@ def configure_blocktt_trainability(model: nn.Module, train_position: str = "smal
             else:
                 out_block, in_block = (
                     (module.out_features, spec.block_size)
-                    if spec.mode == FRAME_OUTPUT
+                    if spec.mode == OUTPUT_ONE_BLOCK
                     else (spec.block_size, module.in_features)
                 )
                 if trained_cores(train_position, out_block, in_block) != (spec.train_left, spec.train_right):

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fura.errors import UserError
 from fura.inspect.sources import BlockGrid, Kind, LayerUpdate, Side, layer_updates, resolve_source
@@ -37,22 +39,22 @@ def out_of_subspace(base: torch.Tensor, delta: torch.Tensor, grid: BlockGrid, ch
     a share at rounding level, not a difference of two large numbers. Blocks are taken ``chunk`` at a
     time, to keep the temporary memory at a fraction of the weight.
     """
-    frame, dframe = (base, delta) if grid.side == "column" else (base.T, delta.T)
+    blocked, dblocked = (base, delta) if grid.side == "column" else (base.T, delta.T)
     rows_blocks, col_blocks = (
         (grid.m_blocks, grid.n_blocks) if grid.side == "column" else (grid.n_blocks, grid.m_blocks)
     )
-    rows, cols = frame.shape
+    rows, cols = blocked.shape
     a, b = rows // rows_blocks, cols // col_blocks
     if a * rows_blocks != rows or b * col_blocks != cols:
-        raise ValueError(f"a {rows}×{cols} frame does not split into {rows_blocks}×{col_blocks} blocks")
-    eps = torch.finfo(frame.dtype).eps
+        raise ValueError(f"a {rows}×{cols} blocked weight does not split into {rows_blocks}×{col_blocks} blocks")
+    eps = torch.finfo(blocked.dtype).eps
     outside = total = 0.0
     for i in range(rows_blocks):
         for start in range(0, col_blocks, chunk):
             stop = min(start + chunk, col_blocks)
             span = slice(i * a, (i + 1) * a), slice(start * b, stop * b)
-            tiles = frame[span].reshape(a, stop - start, b).transpose(0, 1)  # (k, a, b)
-            dtiles = dframe[span].reshape(a, stop - start, b).transpose(0, 1)
+            tiles = blocked[span].reshape(a, stop - start, b).transpose(0, 1)  # (k, a, b)
+            dtiles = dblocked[span].reshape(a, stop - start, b).transpose(0, 1)
             u, s, _ = torch.linalg.svd(tiles, full_matrices=False)
             keep = s > s[:, :1] * max(a, b) * eps
             u = u * keep.unsqueeze(1).to(u.dtype)
@@ -278,9 +280,6 @@ class _Progress:
     def __enter__(self):
         if not self.enabled:
             return lambda: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

@@ -22,11 +22,11 @@ from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
-from fura import blocks, methods
+from fura import blocks, implicit, methods
 from fura.architectures import ARCHITECTURES, in_block
 from fura.errors import UserError
 from fura.tuner.config import FuraConfig
-from fura.tuner.layer import EXPLICIT, FRAME_INPUT, FRAME_OUTPUT
+from fura.tuner.layer import EXPLICIT, INPUT_ONE_BLOCK, OUTPUT_ONE_BLOCK
 from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger(__name__)
@@ -213,9 +213,9 @@ class BlockGrid:
 
 def grid_of(spec: Any) -> BlockGrid:
     """The `BlockGrid` of a tuner `LayerSpec`: the blocks whose spaces that layout keeps."""
-    if spec.mode == FRAME_OUTPUT:
+    if spec.mode == OUTPUT_ONE_BLOCK:
         return BlockGrid(1, spec.n_blocks, "column")
-    if spec.mode == FRAME_INPUT:
+    if spec.mode == INPUT_ONE_BLOCK:
         return BlockGrid(spec.n_blocks, 1, "row")
     # Explicit L·S·R: a frozen L keeps column spaces, a frozen R row spaces; with both training neither is kept.
     side: Side = "row" if spec.train_left and not spec.train_right else "column"
@@ -331,10 +331,10 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
                     got = None if basis is None else tuple(basis.shape)
                     raise reader.mismatch(module, f"basis B has shape {got}, the base needs {expected}")
                 transform = blocks.block_transform(basis, core, sigma)
-                if spec.mode == FRAME_OUTPUT:
-                    weight = blocks.merge_into(w0, transform)
+                if spec.mode == OUTPUT_ONE_BLOCK:
+                    weight = implicit.merge_into(w0, transform)
                 else:
-                    weight = blocks.merge_into(w0.T, transform).T
+                    weight = implicit.merge_into(w0.T, transform).T
             delta = weight - w0
             del weight  # only W0 and ΔW stay in memory while the layer is measured
             yield LayerUpdate(module, w0, delta, grid_of(spec))

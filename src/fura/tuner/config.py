@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from fura.blocks import FOLD_MODES, KEEP_MODES
+from fura.blocks import KEEP_MODES, MERGE_MODES
 from fura.errors import UserError
 from fura.tuner.adapter_loading import AdapterLoading
 from fura.tuner.checks import WEIGHTS_NAME, file_sha256
@@ -19,7 +19,7 @@ from fura.tuner.peft_type import FURA_PEFT_TYPE
 
 DECOMP_MODES = ("output_one_block", "input_one_block", "square")
 TRAIN_POSITIONS = ("small", "large", "both")
-S_MERGED_TO = KEEP_MODES + FOLD_MODES
+S_MERGED_TO = KEEP_MODES + MERGE_MODES
 BIAS_MODES = ("none", "all", "fura_only")
 FACTORIZATION_DTYPES = ("auto", "float64", "float32")
 

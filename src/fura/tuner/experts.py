@@ -6,7 +6,7 @@ In transformers 5 most MoE models keep their experts as one module with 3D param
 gate and up columns. `FuraExperts` reaches them as PEFT's LoRA ``ParamWrapper`` does (``target_parameters``,
 one wrapper per parameter, nested when a module has several), and gives every expert's gate, up and down
 matrix the dense layer's treatment: a block-wise SVD, batched over all experts in one call, and the
-adapted weight ``W0_e · blockdiag(M_e)`` computed by the same `fura.blocks` math as a dense merge.
+adapted weight ``W0_e · blockdiag(M_e)`` computed by the same `fura.implicit` math as a dense merge.
 
 The forward is the dense layer's implicit form on routed tokens (each expert's tokens through ``blockdiag(M_e)``
 before ``W0[e]``, so the frozen expert weights get no gradient) where it applies, and otherwise a parametrization:
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fura import blocks
+from fura import implicit
 from fura.errors import UserError
-from fura.tuner.layer import FRAME_OUTPUT, FuraLayer, LayerSpec
+from fura.tuner.layer import OUTPUT_ONE_BLOCK, FuraLayer, LayerSpec, blocked_weight
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _reads_as(module: nn.Module, name: str, tensor: torch.Tensor):
 class FuraExperts(nn.Module, FuraLayer):
     """A FuRA adapter on one parameter of a module: a 3D stack of expert weights, or a 2D linear weight.
 
-    Each of the stack's matrices (per expert; gate and up apart in a fused gate_up) has its own frozen basis,
+    Each of the stack's matrices (per expert; gate and up apart in a fused gate_up) has its own frozen left factor B,
     trainable core R and singular values S, stored expert-major in one tensor per adapter. Mixed-adapter
     batches are refused: routing gives each row its own experts, so no row-wise split of the weight exists.
     """
@@ -212,10 +212,8 @@ class FuraExperts(nn.Module, FuraLayer):
         for name in adapter_names:  # W0·M_a·M_b, in the order merged_weight composes them
             sigma = self.fura_sigma[name] if name in self.fura_sigma else None
             factors = (self.fura_basis[name], sigma, self.fura_core[name])
-            if self.fura_spec[name].mode == FRAME_OUTPUT:
-                weight = blocks.adapted_stack(weight, *factors)
-            else:
-                weight = blocks.adapted_stack(weight.mT, *factors).mT
+            mode = self.fura_spec[name].mode
+            weight = blocked_weight(implicit.adapted_stack(blocked_weight(weight, mode), *factors), mode)
         return self._to_base_layout(weight).to(param.dtype)
 
     def _check_implementation(self) -> None:
@@ -263,7 +261,7 @@ class FuraExperts(nn.Module, FuraLayer):
             if layer.merged or layer.disable_adapters or len(active) > 1:
                 return None
             if active:
-                if layer.fura_spec[active[0]].mode != FRAME_OUTPUT:
+                if layer.fura_spec[active[0]].mode != OUTPUT_ONE_BLOCK:
                     return None
                 adapters[layer.parameter_name] = (layer, active[0])
             layer = layer.base_layer
@@ -312,7 +310,7 @@ class FuraExperts(nn.Module, FuraLayer):
                         layer.fura_core[adapter],
                     )
                 ]
-                x_part = blocks.apply_fura_transform(layer._cast_input_dtype(x, factors[2].dtype), *factors)
+                x_part = implicit.apply_fura_transform(layer._cast_input_dtype(x, factors[2].dtype), *factors)
             parts.append(torch.nn.functional.linear(x_part.to(weights.dtype), weights[index]))
         y = torch.stack(parts, dim=-1).flatten(-2) if geometry.interleaved else torch.cat(parts, dim=-1)
         if getattr(base, "has_bias", False):

@@ -5,8 +5,9 @@ In `output_one_block` mode, the forward of one adapter is ``base(M x)``. That is
 `input_one_block` is the mirror image: ``Mᵀ·(base(x) − bias) + bias``. What that form cannot
 express (`train_position` large/both, `square` grids, a small core L over several input blocks)
 uses the explicit layout: L, S and R stored as tensors, and the forward ``x·W(L, S, R)ᵀ + bias``
-in place of the base weight. `fura.blocks` holds the math. This file holds only PEFT's
-bookkeeping: several adapters, enable and disable, merge and unmerge, dtypes.
+in place of the base weight. `fura.blocks` and `fura.implicit` hold the math, and docs/design.md#glossary
+the words (B is the frozen left factor that stands for L). This file holds only PEFT's bookkeeping:
+several adapters, enable and disable, merge and unmerge, dtypes.
 """
 
 from __future__ import annotations
@@ -22,22 +23,22 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn import functional as F
 
-from fura import bases, blocks
+from fura import bases, blocks, implicit
 from fura.errors import UserError
 from fura.tuner.checks import adapter_tensors, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
-FRAME_OUTPUT = "output_one_block"  # frame A = W, the input dimension split into blocks
-FRAME_INPUT = "input_one_block"  # frame A = Wᵀ, the output dimension split into blocks
+OUTPUT_ONE_BLOCK = "output_one_block"  # blocked weight A = W: the input dimension is cut into blocks
+INPUT_ONE_BLOCK = "input_one_block"  # blocked weight A = Wᵀ: the output dimension is cut into blocks
 EXPLICIT = "explicit"  # the paper's layout: L, S, R stored over an m × n grid of W itself
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Resolved shape of one adapter on one layer: layout and frame, block grid, rank, where S lives, what trains.
+    """Resolved shape of one adapter on one layer: layout, blocked side, block grid, rank, where S lives, what trains.
 
-    In the implicit frames (``mode`` FRAME_OUTPUT or FRAME_INPUT) the frame's split is ``n_blocks``
+    In the implicit layouts (``mode`` OUTPUT_ONE_BLOCK or INPUT_ONE_BLOCK) the blocked weight's split is ``n_blocks``
     blocks of ``block_size``. In the explicit layout W is an ``m_blocks × n_blocks`` grid of
     ``out_block_size × block_size`` blocks. ``train_left``/``train_right`` say which of the paper's
     cores train: L (output side) and R (input side).
@@ -47,7 +48,7 @@ class LayerSpec:
     n_blocks: int
     block_size: int
     rank: int
-    fold: str  # "keep", "core", "basis" or "split" (see blocks.factorize; explicit: core = R, basis = L)
+    s_side: str  # where S is merged: "keep", "right", "left" or "split" (see blocks.factorize)
     sigma_trainable: bool
     train_left: bool
     train_right: bool
@@ -86,6 +87,11 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
+def blocked_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """The blocked weight A of an implicit ``mode``: ``weight`` (W, or a stack) or its transpose; its own inverse."""
+    return weight if mode == OUTPUT_ONE_BLOCK else weight.mT
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a supported base layer: Linear, quantized Linear or GPT-2 Conv1D."""
     if _is_conv1d(base):
@@ -105,11 +111,11 @@ class FuraLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.fura_core = nn.ParameterDict({})
-        self.fura_sigma = nn.ParameterDict({})
+        self.fura_core = nn.ParameterDict({})  # implicit: the blocked weight's R (n, r, b); saved name kept
+        self.fura_sigma = nn.ParameterDict({})  # σ, the diagonal of S
         self.fura_left = nn.ParameterDict({})  # explicit layout: L (m·n, a, r)
         self.fura_right = nn.ParameterDict({})  # explicit layout: R (m·n, r, b)
-        self.fura_basis = BufferDict({}, persistent=True)
+        self.fura_basis = BufferDict({}, persistent=True)  # implicit: the left factor B (n, b, r); saved name kept
         self.fura_fingerprint = BufferDict({}, persistent=True)
         self.fura_spec: dict[str, LayerSpec] = {}
         self._disable_adapters = False
@@ -132,19 +138,14 @@ class FuraLayer(BaseTunerLayer):
         weight = base.weight.data if self.quantization_backend is None else bases.dequantize_weight(base)
         return weight.T if self.is_conv1d else weight
 
-    def _frame(self, weight: torch.Tensor, mode: str) -> torch.Tensor:
-        return weight if mode == FRAME_OUTPUT else weight.mT
-
     def _to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
         """An (out × in) weight as the base layer stores it (transposed in a GPT-2 Conv1D)."""
         return weight.T if self.is_conv1d else weight
 
     @staticmethod
     def apply_transform(weight: torch.Tensor, mode: str, transform: torch.Tensor) -> torch.Tensor:
-        """``weight`` (out × in, or a stack of them) with one implicit adapter's ``blockdiag(M)`` on its split side."""
-        if mode == FRAME_OUTPUT:
-            return blocks.merge_into(weight, transform)
-        return blocks.merge_into(weight.mT, transform).mT
+        """``weight`` (out × in, or a stack) with one implicit adapter's ``blockdiag(M)`` on its blocked side."""
+        return blocked_weight(implicit.merge_into(blocked_weight(weight, mode), transform), mode)
 
     def update_layer(
         self,
@@ -165,37 +166,37 @@ class FuraLayer(BaseTunerLayer):
             self._update_explicit(adapter_name, spec, init_weights, factorization_dtype, inference_mode, empty)
             return
         weight = self.dense_weight()
-        frame = self._frame(weight, spec.mode)
-        if frame.shape[-1] != spec.n_blocks * spec.block_size:
-            dim = frame.shape[-1]
+        blocked = blocked_weight(weight, spec.mode)
+        if blocked.shape[-1] != spec.n_blocks * spec.block_size:
+            dim = blocked.shape[-1]
             raise ValueError(f"block shape {spec.n_blocks}×{spec.block_size} does not cover dimension {dim}")
         # Created in fp32 (fp64 on fp64 bases); FuraModel._cast_adapter_dtype then casts to the final dtype.
         dtype = _creation_dtype(weight)
         if empty:
             n, b, r = spec.matrices * spec.n_blocks, spec.block_size, spec.rank
             where = {"device": weight.device, "dtype": dtype}
-            sigma = torch.empty(n, r, **where) if spec.fold == "keep" else None
+            sigma = torch.empty(n, r, **where) if spec.s_side == "keep" else None
             fac = blocks.Factorization(torch.empty(n, b, r, **where), torch.empty(n, r, b, **where), sigma)
         else:
             # One fp32 copy of a half-precision weight serves the factorization and the fingerprint.
             source = blocks.float_weight(weight)
-            frame = self._frame(source, spec.mode)
-            fac = blocks.factorize(frame, spec.n_blocks, spec.rank, spec.fold, dtype=factorization_dtype)
+            blocked = blocked_weight(source, spec.mode)
+            fac = blocks.factorize(blocked, spec.n_blocks, spec.rank, spec.s_side, dtype=factorization_dtype)
         # Contiguous, so that a reloaded adapter (contiguous from the file) computes bit for bit the same.
-        core, sigma = fac.core.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
+        right, sigma = fac.right.to(dtype).contiguous(), None if fac.sigma is None else fac.sigma.to(dtype)
         if not init_weights:  # a deterministic-under-seed, non-identity start, as PEFT methods offer for tests
-            core = core + 0.1 * torch.randn_like(core) * core.abs().mean()
+            right = right + 0.1 * torch.randn_like(right) * right.abs().mean()
             if sigma is not None:
                 sigma = sigma * (1 + 0.1 * torch.randn_like(sigma))
         self.fura_spec[adapter_name] = spec
-        self.fura_core[adapter_name] = nn.Parameter(core)
+        self.fura_core[adapter_name] = nn.Parameter(right)
         if sigma is not None:
             self.fura_sigma[adapter_name] = nn.Parameter(sigma)
             if not spec.sigma_trainable:
                 frozen = dict(self.frozen_peft_weight_names)
                 frozen[adapter_name] = ("fura_sigma",)
                 self.frozen_peft_weight_names = frozen
-        self.fura_basis[adapter_name] = fac.basis.to(dtype).contiguous()
+        self.fura_basis[adapter_name] = fac.left_factor.to(dtype).contiguous()
         sketch = torch.empty(blocks.FINGERPRINT_SIZE, device=weight.device) if empty else blocks.fingerprint(source)
         self.fura_fingerprint[adapter_name] = sketch
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -226,11 +227,11 @@ class FuraLayer(BaseTunerLayer):
         dtype = _creation_dtype(weight)
         if empty:
             where = {"device": weight.device, "dtype": dtype}
-            sigma = torch.empty(k, r, **where) if spec.fold == "keep" else None
+            sigma = torch.empty(k, r, **where) if spec.s_side == "keep" else None
             fac = blocks.ExplicitFactorization(torch.empty(k, a, r, **where), torch.empty(k, r, b, **where), sigma)
         else:
             fac = blocks.factorize_explicit(
-                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.fold, dtype=factorization_dtype
+                weight.detach(), spec.m_blocks, spec.n_blocks, r, spec.s_side, dtype=factorization_dtype
             )
         tensors = {"fura_left": fac.left, "fura_right": fac.right, "fura_sigma": fac.sigma}
         trains = {"fura_left": spec.train_left, "fura_right": spec.train_right, "fura_sigma": spec.sigma_trainable}
@@ -281,7 +282,7 @@ class FuraLayer(BaseTunerLayer):
         return base_dtype
 
     def cast_adapter(self, adapter_name: str, dtype: torch.dtype) -> None:
-        """Cast one adapter's cores, S and frozen basis to ``dtype``, keeping which of them train.
+        """Cast one adapter's cores, S and frozen left factor B to ``dtype``, keeping which of them train.
 
         The sketch of the base weight (`fura_fingerprint`) stays fp32: it is a load-time check, not
         adapter math. Parameters are re-created rather than changed in place, as PEFT's own cast does.
@@ -299,10 +300,11 @@ class FuraLayer(BaseTunerLayer):
     def transform(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The current block transform ``M`` (n, b, b) of an adapter, computed in ``dtype`` (default: the adapter's)."""
         sigma = self.fura_sigma[adapter_name] if adapter_name in self.fura_sigma else None
-        basis, core = self.fura_basis[adapter_name], self.fura_core[adapter_name]
+        left_factor, right = self.fura_basis[adapter_name], self.fura_core[adapter_name]
         if dtype is not None:
-            basis, core, sigma = basis.to(dtype), core.to(dtype), None if sigma is None else sigma.to(dtype)
-        return blocks.block_transform(basis, core, sigma)
+            left_factor, right = left_factor.to(dtype), right.to(dtype)
+            sigma = None if sigma is None else sigma.to(dtype)
+        return blocks.block_transform(left_factor, right, sigma)
 
     def explicit_weight(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The current ``W(L, S, R)`` (out × in) of an explicit-layout adapter, in ``dtype`` (default: its own)."""
@@ -406,8 +408,8 @@ class FuraLinear(nn.Module, FuraLayer):
         active = [name for name in self.active_adapters if name in self.fura_spec]
         if any(self.fura_spec[name].explicit for name in active):
             return self._explicit_forward(x, active)
-        input_side = [name for name in active if self.fura_spec[name].mode == FRAME_OUTPUT]
-        output_side = [name for name in active if self.fura_spec[name].mode == FRAME_INPUT]
+        input_side = [name for name in active if self.fura_spec[name].mode == OUTPUT_ONE_BLOCK]
+        output_side = [name for name in active if self.fura_spec[name].mode == INPUT_ONE_BLOCK]
         dtype = x.dtype
         # W0·M_a·M_b·x: the adapter merged last acts first on x.
         for name in reversed(input_side):
@@ -456,8 +458,8 @@ class FuraLinear(nn.Module, FuraLayer):
                 rows.setdefault(name, []).append(row)
         index = {name: torch.tensor(picked, device=x.device) for name, picked in rows.items()}
         dtype = x.dtype
-        input_side = [name for name in rows if self.fura_spec[name].mode == FRAME_OUTPUT]
-        output_side = [name for name in rows if self.fura_spec[name].mode == FRAME_INPUT]
+        input_side = [name for name in rows if self.fura_spec[name].mode == OUTPUT_ONE_BLOCK]
+        output_side = [name for name in rows if self.fura_spec[name].mode == INPUT_ONE_BLOCK]
         if input_side:
             x = x.clone()
             for name in input_side:
@@ -475,10 +477,10 @@ class FuraLinear(nn.Module, FuraLayer):
 
     def _apply_adapter(self, name: str, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """One implicit adapter's ``blockdiag(M)`` (or its transpose) on the last dimension of ``x``."""
-        core = self.fura_core[name]
+        right = self.fura_core[name]
         sigma = self.fura_sigma[name] if name in self.fura_sigma else None
-        x = self._cast_input_dtype(x, core.dtype)
-        return blocks.apply_fura_transform(x, self.fura_basis[name], sigma, core, transpose=transpose)
+        x = self._cast_input_dtype(x, right.dtype)
+        return implicit.apply_fura_transform(x, self.fura_basis[name], sigma, right, transpose=transpose)
 
     def _explicit_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """``x·W(L, S, R)ᵀ + bias``: the explicit adapter's weight in place of the base weight."""

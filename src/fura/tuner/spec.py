@@ -15,7 +15,7 @@ from fura import blocks
 from fura.errors import UserError
 from fura.tuner.config import FuraConfig, SideShape, both_cores_train_message, is_side_pair
 from fura.tuner.experts import parameter_geometry
-from fura.tuner.layer import EXPLICIT, FRAME_INPUT, FRAME_OUTPUT, LayerSpec
+from fura.tuner.layer import EXPLICIT, INPUT_ONE_BLOCK, OUTPUT_ONE_BLOCK, LayerSpec
 
 
 def trained_cores(train_position: str, out_block: int, in_block: int) -> tuple[bool, bool]:
@@ -30,11 +30,11 @@ def trained_cores(train_position: str, out_block: int, in_block: int) -> tuple[b
     return left, not left
 
 
-def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[str, bool]:
-    """Map `s_merged_to` to (where S is folded, whether a separate S trains) in a layer's frame.
+def _s_side(s_merged_to: str, right_side: str, trained_side: str | None) -> tuple[str, bool]:
+    """Map `s_merged_to` to (where S is merged, whether a separate S trains) in a layer's blocked weight.
 
-    ``core_side`` is the side of W ("input" or "output") whose core is the frame's core: the input
-    side (R) in the output frame and the explicit layout, the output side (L) in the input frame.
+    ``right_side`` is the side of W ("input" or "output") that is the blocked weight's R: the input
+    side (R) in output_one_block and the explicit layout, the output side (L) in input_one_block.
     ``trained_side`` is the side that trains, None when both do.
     """
     if s_merged_to in ("keep_trainable", "keep_frozen"):
@@ -47,7 +47,7 @@ def _fold(s_merged_to: str, core_side: str, trained_side: str | None) -> tuple[s
             raise UserError(both_cores_train_message(s_merged_to))
         frozen_side = "output" if trained_side == "input" else "input"
         side = trained_side if s_merged_to == "trainable" else frozen_side
-    return ("core" if side == core_side else "basis"), False
+    return ("right" if side == right_side else "left"), False
 
 
 # Where a composite model (Llava, Qwen2-VL, …) keeps each tower's config, and the module names of that tower.
@@ -112,26 +112,26 @@ def layer_spec(
             f"{module_name}: a pair (output side, input side) of block shapes needs decomp_mode='square', "
             f"not {mode!r}; give one side's (n_blocks, block_size), 'closest', 'head' or 'one'"
         )
-    elif mode == FRAME_OUTPUT:
+    elif mode == OUTPUT_ONE_BLOCK:
         (m, a), (n, b) = (1, out_features), _split(shape, in_features, context, module_name)
     else:
         (m, a), (n, b) = _split(shape, out_features, context, module_name), (1, in_features)
     train_left, train_right = trained_cores(config.train_position, a, b)
     common = {"train_left": train_left, "train_right": train_right}
-    # The implicit form trains the core of the split side's frame: R when only the input is split,
-    # L when only the output is. (With one block both frames are the same SVD.) Anything else is explicit.
+    # The implicit form trains the blocked weight's R: W's R when only the input is split,
+    # L when only the output is. (With one block both orientations are the same SVD.) Anything else is explicit.
     if train_right and not train_left and m == 1:
-        fold, sigma_trainable = _fold(config.s_merged_to, "input", "input")
+        s_side, sigma_trainable = _s_side(config.s_merged_to, "input", "input")
         rank = blocks.resolve_rank(config.rank, a, n, b)
-        return LayerSpec(FRAME_OUTPUT, n, b, rank, fold, sigma_trainable, **common)
+        return LayerSpec(OUTPUT_ONE_BLOCK, n, b, rank, s_side, sigma_trainable, **common)
     if train_left and not train_right and n == 1:
-        fold, sigma_trainable = _fold(config.s_merged_to, "output", "output")
+        s_side, sigma_trainable = _s_side(config.s_merged_to, "output", "output")
         rank = blocks.resolve_rank(config.rank, b, m, a)
-        return LayerSpec(FRAME_INPUT, m, a, rank, fold, sigma_trainable, **common)
+        return LayerSpec(INPUT_ONE_BLOCK, m, a, rank, s_side, sigma_trainable, **common)
     trained_side = None if train_left and train_right else ("output" if train_left else "input")
-    fold, sigma_trainable = _fold(config.s_merged_to, "input", trained_side)
+    s_side, sigma_trainable = _s_side(config.s_merged_to, "input", trained_side)
     rank = blocks.resolve_rank(config.rank, a, n, b)
-    return LayerSpec(EXPLICIT, n, b, rank, fold, sigma_trainable, **common, m_blocks=m, out_block_size=a)
+    return LayerSpec(EXPLICIT, n, b, rank, s_side, sigma_trainable, **common, m_blocks=m, out_block_size=a)
 
 
 def parameter_spec(
