@@ -34,6 +34,7 @@ TOY_ARGS = {
     "quant_error": ["--model", "tiny-llama"],
     "experiment_cost": ["--reps", "1", "--methods", "fura", "--sizes", "256"],
     "cli_startup": ["--reps", "1", "--commands", "python -c pass,fura --help"],
+    "generation_outputs": [],
 }
 
 
@@ -63,7 +64,13 @@ def test_every_benchmark_is_covered():
 @pytest.mark.parametrize("name", sorted(TOY_ARGS))
 def test_benchmark_runs_and_writes_its_json(name, tmp_path):
     result = run_benchmark(name, tmp_path)
-    if name == "kernel_bench":
+    if name == "generation_outputs":
+        assert set(result) == {"commonsense", "math", "quickstart", "vlm"}
+        assert set(result["commonsense"]) == {"beam2", "greedy", "sampled"}
+        # Left padding: a prompt's answer does not depend on the batch it is generated in.
+        assert result["vlm"]["batch1"] == result["vlm"]["batch2"]
+        assert any(text.strip() for text in result["commonsense"]["greedy"])
+    elif name == "kernel_bench":
         assert set(result["results"]) == {"8x4x8", "6x2x16"}
         for shape in result["results"].values():
             assert set(shape["median_ms"]) == {"strided", "copy", "loop", "dense"}
