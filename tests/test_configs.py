@@ -85,7 +85,13 @@ def test_track_defaults_are_its_paper_recipe(track):
         assert defaults[section] == written[section]
 
 
-def test_a_bare_recipe_gets_the_paper_recipes_training_settings(tmp_path):
+def test_a_bare_recipe_gets_the_paper_recipes_training_settings(tmp_path, monkeypatch):
+    decoy = tmp_path / "commonsense" / "fura"  # a local file named like the recipe is not where defaults come from
+    decoy.parent.mkdir()
+    decoy.write_text(
+        yaml.safe_dump({**yaml.safe_load((CONFIGS / "commonsense" / "fura.yaml").read_text()), "training": {}})
+    )
+    monkeypatch.chdir(tmp_path)
     args = sft.training_arguments({"output_dir": str(tmp_path)})
     written = yaml.safe_load((CONFIGS / "commonsense" / "fura.yaml").read_text())["training"]
     for key, value in written.items():

@@ -10,7 +10,7 @@ A recipe is a plain dict with a few top-level keys that every track shares:
     training: {...}                       arguments of the trainer (TrainingArguments / GRPOConfig)
 
 Each track may add keys of its own, for example ``eval``. The paper's recipe of a track (``commonsense/fura``,
-``vlm/fura``) is also the one place its defaults are written: `paper_defaults` reads them from it.
+``rl/fura``, ``vlm/fura``) is also the one place its defaults are written: `paper_defaults` reads them from it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 
 from fura import methods
 from fura.errors import UserError
-from fura.recipes.catalog import resolve
+from fura.recipes.catalog import resolve, shipped_path
 
 TRACKS = {"commonsense": "fura.recipes.sft", "math_rl": "fura.recipes.grpo", "vlm": "fura.recipes.vlm"}
 
@@ -109,13 +109,13 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, sets:
     return recipe
 
 
-def paper_defaults(name: str) -> dict[str, dict[str, Any]]:
-    """The mappings of shipped recipe ``name`` (the paper's recipe of a track) as the defaults of that track's recipes:
-    each section as written, ``training`` without the `RUN_SPECIFIC_KEYS`."""
-    recipe = load_recipe(name)
-    sections = {key: value for key, value in recipe.items() if isinstance(value, dict)}
-    sections["training"] = {k: v for k, v in sections["training"].items() if k not in RUN_SPECIFIC_KEYS}
-    return sections
+def paper_defaults(name: str) -> dict[str, Any]:
+    """Shipped recipe ``name`` (the paper's recipe of a track) as the defaults of that track's recipes: every key as
+    written, except the `RUN_SPECIFIC_KEYS` of ``training``. Always the shipped file, whatever the working directory
+    holds."""
+    recipe = load_recipe(shipped_path(name))
+    recipe["training"] = {k: v for k, v in recipe["training"].items() if k not in RUN_SPECIFIC_KEYS}
+    return recipe
 
 
 def recipe_section(recipe: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from fura import methods, quant, reporting
 from fura.data.math import PROMPTS, grpo_dataset, has_chat_template, load_problems
 from fura.loading import check_model_source
 from fura.recipes import guard
-from fura.recipes.config import RecipeError, build_method, load_recipe
+from fura.recipes.config import RecipeError, build_method, paper_defaults
 from fura.rewards import REWARDS
 from fura.vllm_sync import DenseSyncVLLMGeneration, needs_dense_sync
 
@@ -86,7 +86,7 @@ def run(recipe: dict[str, Any], resume: bool = False, dry_run: bool = False) -> 
 
     Returns the trainer (after training, or untrained with ``dry_run``) so callers can inspect it.
     """
-    defaults = load_recipe(PAPER_RECIPE)
+    defaults = paper_defaults(PAPER_RECIPE)
     prompt = _choice(recipe, "prompt", PROMPTS, defaults["prompt"])
     reward = REWARDS[_choice(recipe, "reward", REWARDS, defaults["reward"])]
     args = grpo_config(recipe)
