@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 
 from fura import blocks, implicit
-from fura.tuner import layer, model
+from fura.tuner import layer, model, spec
 from fura.tuner.layer import FuraLayer, LayerSpec
 
 GLOSSARY = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text().split("## Glossary")[1]
 GLOSSARY = GLOSSARY.split("\n## ")[0]
 
-MODULES = {"blocks": blocks, "implicit": implicit, "tuner.layer": layer, "tuner.model": model}
+MODULES = {"blocks": blocks, "implicit": implicit, "tuner.layer": layer, "tuner.model": model, "tuner.spec": spec}
 DATACLASSES = {"LayerSpec": LayerSpec, "Factorization": blocks.Factorization}
 DATACLASSES["ExplicitFactorization"] = blocks.ExplicitFactorization
 
@@ -25,7 +25,7 @@ def _named(pattern: str) -> list[tuple[str, ...]]:
 
 
 def test_glossary_module_functions_exist():
-    for module, name in _named(r"`(blocks|implicit|tuner\.layer|tuner\.model)\.(\w+)`"):
+    for module, name in _named(r"`(blocks|implicit|tuner\.layer|tuner\.model|tuner\.spec)\.(\w+)`"):
         assert hasattr(MODULES[module], name), f"glossary: {module}.{name} does not exist"
 
 
