@@ -8,7 +8,7 @@ Three 4-bit models are compared with the fp32 model they come from:
 * ``paper-L=U``: the research code's variant. The weight is block-factorized first, the explicit
   frozen core ``L = [U_1 … U_n]`` is stored in NF4 and ``S``, ``R`` stay exact:
   ``W ≈ Σ_j Q(U_j)·diag(s_j)·V_jᵀ``.
-* ``paper-L=US``: the same with ``S`` folded into the frozen core, ``Q(U_j·diag(s_j))·V_jᵀ``.
+* ``paper-L=US``: the same with ``S`` merged into the frozen core, ``Q(U_j·diag(s_j))·V_jᵀ``.
 
 Reported: the relative Frobenius error of each targeted weight, and on the model output the KL
 divergence KL(p_fp32 ‖ p_4bit) per token and the top-1 agreement. A causal LM uses its next-token
@@ -38,7 +38,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from fura import architectures, blocks, methods, quant
-from fura.tuner.layer import OUTPUT_ONE_BLOCK, base_features
+from fura.tuner.layer import base_features, blocked_weight
 from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger("quant_error")
@@ -55,21 +55,21 @@ def nf4_roundtrip(tensor: torch.Tensor) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed, state).float()
 
 
-def paper_weight(weight: torch.Tensor, n_blocks: int, rank: int, mode: str, fold_s: bool) -> torch.Tensor:
+def paper_weight(weight: torch.Tensor, n_blocks: int, rank: int, mode: str, merge_s: bool) -> torch.Tensor:
     """``Σ_j Q(L_j)·diag(s_j)·V_jᵀ`` (or ``Q(L_j·diag(s_j))·V_jᵀ``) for the explicit layout with an NF4 large core."""
-    frame = weight.double() if mode == OUTPUT_ONE_BLOCK else weight.double().T
-    rows, cols = frame.shape
+    blocked = blocked_weight(weight.double(), mode)
+    rows, cols = blocked.shape
     b = cols // n_blocks
-    v, s = blocks.block_svd(frame, n_blocks, rank)  # (n, b, r), (n, r)
-    frame_blocks = frame.reshape(rows, n_blocks, b).transpose(0, 1)  # (n, rows, b)
-    u = torch.bmm(frame_blocks, v) / s.unsqueeze(1)  # (n, rows, r): U_j = A_j V_j / s_j
-    core = u * s.unsqueeze(1) if fold_s else u
-    large = core.transpose(0, 1).reshape(rows, n_blocks * rank)  # L = [U_1 … U_n], out × n·r
+    v, s = blocks.block_svd(blocked, n_blocks, rank)  # (n, b, r), (n, r)
+    blocked_blocks = blocked.reshape(rows, n_blocks, b).transpose(0, 1)  # (n, rows, b)
+    u = torch.bmm(blocked_blocks, v) / s.unsqueeze(1)  # (n, rows, r): U_j = A_j V_j / s_j
+    left = u * s.unsqueeze(1) if merge_s else u
+    large = left.transpose(0, 1).reshape(rows, n_blocks * rank)  # L = [U_1 … U_n], out × n·r
     quantized = nf4_roundtrip(large.float()).double().reshape(rows, n_blocks, rank).transpose(0, 1)
-    if not fold_s:
+    if not merge_s:
         quantized = quantized * s.unsqueeze(1)
     rebuilt = torch.bmm(quantized, v.transpose(1, 2)).transpose(0, 1).reshape(rows, cols)
-    rebuilt = rebuilt if mode == OUTPUT_ONE_BLOCK else rebuilt.T
+    rebuilt = blocked_weight(rebuilt, mode)
     return rebuilt.float()
 
 
@@ -82,7 +82,7 @@ def targeted_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     }
 
 
-def paper_model(model: nn.Module, targets, fold_s: bool) -> tuple[nn.Module, dict[str, float]]:
+def paper_model(model: nn.Module, targets, merge_s: bool) -> tuple[nn.Module, dict[str, float]]:
     """A dense copy whose targeted weights hold the paper variant; other linear layers get plain NF4."""
     paper = copy.deepcopy(model)
     config = methods.method_config("fura", model, target_modules=targets)
@@ -97,7 +97,7 @@ def paper_model(model: nn.Module, targets, fold_s: bool) -> tuple[nn.Module, dic
             if name in targeted:
                 out_features, in_features = base_features(module)
                 spec = layer_spec(config, name, out_features, in_features, model_config)
-                new = paper_weight(weight, spec.n_blocks, spec.rank, spec.mode, fold_s)
+                new = paper_weight(weight, spec.n_blocks, spec.rank, spec.mode, merge_s)
                 errors[name] = float((new - weight).norm() / weight.norm())
             else:
                 new = nf4_roundtrip(weight)
@@ -199,8 +199,8 @@ def run(model_arg: str, targets) -> dict:
     qfura = methods.build(nf4, "qfura", target_modules=targets)
     outputs["qfura"] = compare(reference, output_distribution(qfura, inputs, projection), mask)
     weight_errors["qfura"] = weight_errors["nf4-base"]  # at init M = I: the effective weight is the NF4 weight
-    for variant, fold_s in (("paper-L=U", False), ("paper-L=US", True)):
-        paper, errors = paper_model(model, targets, fold_s)
+    for variant, merge_s in (("paper-L=U", False), ("paper-L=US", True)):
+        paper, errors = paper_model(model, targets, merge_s)
         weight_errors[variant] = errors
         outputs[variant] = compare(reference, output_distribution(paper, inputs, projection), mask)
     summary = {

@@ -11,8 +11,8 @@ holding one of those, and compares each targeted weight ``W`` with the base weig
   update has about ``1 − b/out``.
 * **singular-value drift**: ``‖σ(W) − σ(W0)‖ / ‖σ(W0)‖``, and the relative size ``‖ΔW‖_F / ‖W0‖_F``.
 
-FuRA's ``W`` is rebuilt from the adapter tensors with `fura.blocks` (the tuner's own math), LoRA's as
-``W0 + scale·B·A``. Tensors are read one layer at a time from the safetensors files, so memory stays at
+FuRA's ``W`` is rebuilt from the adapter tensors with `fura.blocks` and `fura.implicit` (the tuner's own
+math), LoRA's as ``W0 + scale·B·A``. Tensors are read one layer at a time from the safetensors files, so memory stays at
 a few copies of the largest layer whatever the model size. ``docs/inspect.md`` explains each measure.
 
     report = inspect_update("runs/fura")              # base from run.json / adapter_config.json

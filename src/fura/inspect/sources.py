@@ -1,8 +1,8 @@
 """Locating and reading an update: which kind it is, where its base is, and each targeted layer's ``W0`` and ``ΔW``.
 
 `resolve_source` classifies the directory and finds the base model; `layer_updates` reads the layers one at
-a time from the safetensors files (FuRA rebuilt with `fura.blocks`, LoRA as ``scale·B·A``, a full fine-tune
-as ``W − W0``), each with the `BlockGrid` the subspace measure cuts it on.
+a time from the safetensors files (FuRA rebuilt with `fura.blocks` and `fura.implicit`, LoRA as ``scale·B·A``,
+a full fine-tune as ``W − W0``), each with the `BlockGrid` the subspace measure cuts it on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fura import blocks, implicit, methods
 from fura.architectures import ARCHITECTURES, in_block
 from fura.errors import UserError
 from fura.tuner.config import FuraConfig
-from fura.tuner.layer import EXPLICIT, INPUT_ONE_BLOCK, OUTPUT_ONE_BLOCK
+from fura.tuner.layer import EXPLICIT, INPUT_ONE_BLOCK, OUTPUT_ONE_BLOCK, blocked_weight
 from fura.tuner.spec import layer_spec
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def _grid_for(config: Any, module: str, out_features: int, in_features: int, rea
 
 
 def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Iterator[LayerUpdate]]:
-    """FuRA: ``W`` rebuilt from the adapter's B, σ, R (or L, S, R) with `fura.blocks`, as the tuner merges it."""
+    """FuRA: ``W`` rebuilt from the adapter's B, σ, R (or L, S, R) with the tuner's own merge math."""
     config, adapter = _read_adapter(source.path, FuraConfig, "FuRA")
     keys = adapter.keys()
     modules = _modules_with(keys, (".fura_core", ".fura_left", ".fura_right"))
@@ -325,16 +325,15 @@ def _fura_updates(source: UpdateSource, reader: _Reader) -> tuple[list[str], Ite
                     raise reader.mismatch(module, f"explicit cores do not have the expected L shape {expected}")
                 weight = blocks.explicit_weight(left, right, sigma, spec.m_blocks)
             else:
-                basis, core = tensor(module, "fura_basis"), tensor(module, "fura_core")
+                left_factor, right = tensor(module, "fura_basis"), tensor(module, "fura_core")
                 expected = (spec.n_blocks, spec.block_size, spec.rank)
-                if basis is None or core is None or tuple(basis.shape) != expected:
-                    got = None if basis is None else tuple(basis.shape)
-                    raise reader.mismatch(module, f"basis B has shape {got}, the base needs {expected}")
-                transform = blocks.block_transform(basis, core, sigma)
-                if spec.mode == OUTPUT_ONE_BLOCK:
-                    weight = implicit.merge_into(w0, transform)
-                else:
-                    weight = implicit.merge_into(w0.T, transform).T
+                if left_factor is None or right is None or tuple(left_factor.shape) != expected:
+                    got = None if left_factor is None else tuple(left_factor.shape)
+                    raise reader.mismatch(
+                        module, f"left factor B (fura_basis) has shape {got}, the base needs {expected}"
+                    )
+                transform = blocks.block_transform(left_factor, right, sigma)
+                weight = blocked_weight(implicit.merge_into(blocked_weight(w0, spec.mode), transform), spec.mode)
             delta = weight - w0
             del weight  # only W0 and ΔW stay in memory while the layer is measured
             yield LayerUpdate(module, w0, delta, grid_of(spec))

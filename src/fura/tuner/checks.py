@@ -1,8 +1,8 @@
 """Checks that make a bad adapter fail loudly before it changes anything.
 
 A FuRA adapter is stored in two files. ``adapter_config.json`` is JSON. ``adapter_model.safetensors``
-holds R, S, the frozen basis B (or, in the explicit layout, L, S and R) and a fingerprint of the
-base weights. Pickle is never read. Loading refuses the checkpoint when:
+holds R, S, the frozen left factor B (saved as ``fura_basis``), or in the explicit layout L, S and R,
+and a fingerprint of the base weights. Pickle is never read. Loading refuses the checkpoint when:
 
 * a file is missing, truncated or corrupt (checked before PEFT touches the model);
 * a tensor is missing, has the wrong shape, or is not finite;

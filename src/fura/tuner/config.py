@@ -57,7 +57,7 @@ BlockShape = SideShape | tuple[SideShape, SideShape]
 def both_cores_train_message(s_merged_to: str) -> str:
     """The error for s_merged_to='trainable'/'frozen' when both cores train: neither names one side."""
     return (
-        f"s_merged_to={s_merged_to!r} folds S into the core that is {s_merged_to}, but with train_position='both' "
+        f"s_merged_to={s_merged_to!r} merges S into the core that is {s_merged_to}, but with train_position='both' "
         "both cores train. Use 'keep_trainable', 'keep_frozen', 'split', 'input' (R ← S·Vᵀ) or 'output' (L ← U·S)."
     )
 

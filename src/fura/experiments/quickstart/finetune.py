@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
 from fura import methods
 from fura.data.commonsense import build_datasets
@@ -59,8 +59,6 @@ def finetune(
     `fura.recipes.sft.run` itself is not called: it reloads, plots, saves and logs every run, and the
     experiment makes dozens of runs and keeps only the ones it reports (see `save_run`).
     """
-    from transformers import Trainer  # imports datasets (and pandas, pyarrow): about a second of `fura --help`
-
     recipe = {
         "track": "commonsense",
         "model": str(base_dir),

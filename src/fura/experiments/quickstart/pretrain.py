@@ -13,6 +13,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -44,7 +45,6 @@ def build_tokenizer(texts: list[str], path: Path):
 def pretrain(settings: QuickstartSettings, world: World, all_texts: list[str], path: Path, advance) -> None:
     """Build the small Llama model and pre-train it on the world corpus with `Trainer`; save model + tokenizer."""
     from datasets import Dataset  # optional (fura[train])
-    from transformers import Trainer  # imports datasets (and pandas, pyarrow): about a second of `fura --help`
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
