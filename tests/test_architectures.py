@@ -254,11 +254,39 @@ def test_unknown_architecture_logs_the_modules_it_chose(caplog):
     assert "attention.attn.q, attention.attn.v, intermediate.dense, output.dense" in caplog.text
 
 
-def test_no_linear_in_a_block_names_what_was_found():
-    model = nn.Sequential()
-    model.add_module("mixer", nn.Linear(8, 8))
-    with pytest.raises(UserError, match=r"no default FuRA target modules.*linear layers are \['mixer'\]"):
-        get_peft_model(model, FuraConfig())
+class _NoBlocks(nn.Module):
+    """A model with linear layers but no numbered blocks, and an output head."""
+
+    def __init__(self, hidden: bool = True) -> None:
+        super().__init__()
+        if hidden:
+            self.mixer = nn.Linear(8, 8)
+            self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "mixer"):
+            x = self.proj(torch.relu(self.mixer(x)))
+        return self.head(x)
+
+
+def test_without_blocks_every_linear_but_the_head_is_adapted(caplog):
+    model = _NoBlocks()
+    x = torch.randn(3, 8)
+    expected = model(x)
+    with caplog.at_level(logging.INFO, logger="fura.architectures"):
+        peft_model = get_peft_model(model, FuraConfig())
+    assert _adapted(peft_model, FuraLayer) == {"mixer", "proj"}
+    assert "has no numbered blocks" in caplog.text and "mixer, proj" in caplog.text
+    torch.testing.assert_close(peft_model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_only_linear_is_its_head_names_what_was_found():
+    with pytest.raises(UserError, match=r"no default FuRA target modules.*linear layers: \['head'\]"):
+        get_peft_model(_NoBlocks(hidden=False), FuraConfig())
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ FuRA's defaults are every linear projection inside the transformer blocks (atten
 output head, the embeddings, or a pooler/classifier head: the paper's "all projections". The LoRA targets
 are the paper's q, k, v, up, down (a fused projection counts when it holds one of them). A ``model_type``
 the table does not know falls back to the rule itself, applied to the model's module names: every linear
-layer under a numbered block container (``layers.N``, ``layer.N``, ``h.N``, ``blocks.N``, ``block.N``).
+layer under a numbered block container (``layers.N``, ``layer.N``, ``h.N``, ``blocks.N``, ``block.N``), or,
+in a model without such blocks, every linear layer but the output head.
 LoRA baselines on an architecture the table does not know use PEFT's own mapping first.
 
 Table entries are the values written to ``adapter_config.json``: an entry, once released, does not change.
@@ -132,29 +133,48 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Module names of the model's output head (``get_output_embeddings``), which no default adapts."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
 def block_linear_targets(model: nn.Module, method: str = "FuRA", model_type: str | None = None) -> str:
     """A ``target_modules`` regex for every linear layer inside the model's blocks; logs what it chose.
 
     The regex names each layer by its path inside a block, so every block of the same kind is covered.
+    A model with no numbered blocks gets every linear layer but its output head, by full name.
 
     Raises:
-        UserError: the model has no linear layer inside a numbered block; the message names those it has.
+        UserError: the model has no linear layer to adapt (none at all, or only its output head).
     """
     linears = linear_module_names(model)
     members = sorted({block_member(name) for name in in_block(linears)})
-    if not members:
+    if members:
+        logger.info(
+            "%s: model type %r is not in fura.architectures; targeting every linear layer inside its blocks: %s",
+            method,
+            model_type,
+            ", ".join(members),
+        )
+        return rf"(?:.*\.)?{_CONTAINER}\.\d+\.(?:{'|'.join(re.escape(member) for member in members)})"
+    head = _output_head_names(model)
+    rest = [name for name in linears if name not in head]
+    if not rest:
         raise UserError(
-            f"no default {method} target modules for model type {model_type!r}; pass target_modules=[...]: no linear "
-            f"layer sits inside a numbered block ({', '.join(f'{c}.N' for c in BLOCK_CONTAINERS)}); the model's "
-            f"linear layers are {linears}"
+            f"no default {method} target modules for model type {model_type!r}; pass target_modules=[...]: the model "
+            f"has no linear layer to adapt but its output head (linear layers: {linears})"
         )
     logger.info(
-        "%s: model type %r is not in fura.architectures; targeting every linear layer inside its blocks: %s",
+        "%s: model type %r is not in fura.architectures and has no numbered blocks "
+        "(%s); targeting every linear layer but the output head: %s",
         method,
         model_type,
-        ", ".join(members),
+        ", ".join(f"{c}.N" for c in BLOCK_CONTAINERS),
+        ", ".join(rest),
     )
-    return rf"(?:.*\.)?{_CONTAINER}\.\d+\.(?:{'|'.join(re.escape(member) for member in members)})"
+    return "(?:" + "|".join(re.escape(name) for name in rest) + ")"
 
 
 def fura_target_modules(model: nn.Module, model_type: str | None) -> Targets:
