@@ -195,9 +195,14 @@ def test_no_matching_modules_names_the_fix():
             methods.build(tiny_llama(), method, target_modules=["attn_proj"])
 
     class Custom(torch.nn.Module):
+        """Its one linear layer is its output head, which no default adapts."""
+
         def __init__(self) -> None:
             super().__init__()
             self.mixer = torch.nn.Linear(8, 8)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.mixer
 
     with pytest.raises(ValueError, match=r"found no module to adapt.*named \['mixer'\]"):
         methods.build(Custom(), "fura")
