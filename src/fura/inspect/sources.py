@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from huggingface_hub import snapshot_download
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
@@ -389,13 +390,6 @@ def _lora_updates(source: UpdateSource, reader: _Reader, block_config: Any) -> t
     return modules, updates()
 
 
-def _matches(module: str, targets: str | Sequence[str]) -> bool:
-    """PEFT's rule: a string is a full-match regex, a list matches a module name or its last components."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
-
-
 def _full_updates(
     source: UpdateSource, reader: _Reader, block_config: Any, target_modules: str | Sequence[str] | None
 ) -> tuple[list[str], Iterator[LayerUpdate]]:
@@ -410,7 +404,11 @@ def _full_updates(
     weights = [
         key.removesuffix(".weight") for key in tuned.keys() if key.endswith(".weight") and len(tuned.shape(key)) == 2
     ]
-    modules = in_block(weights) if targets is None else [module for module in weights if _matches(module, targets)]
+    if targets is None:
+        modules = in_block(weights)
+    else:
+        matcher = LoraConfig(target_modules=targets)  # PEFT's own matching rule, the one adapters are injected by
+        modules = [module for module in weights if check_target_module_exists(matcher, module)]
     modules.sort(key=_natural_key)
 
     def updates() -> Iterator[LayerUpdate]:
